@@ -86,7 +86,8 @@ def dsr_prune(
     kept_masks: list[Tensor] = []
     pruned_masks: list[Tensor] = []
     for weight, mask in zip(weights, masks):
-        magnitude = weight.detach().abs()
+        # float32 at least, so H is not rounded to half precision in the comparison.
+        magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
         below = mask & (magnitude < threshold)
         # If nothing would survive, keep the active weight of largest |w| (argmax returns the first maximum).
         layer_emptied = (below == mask).all() & mask.any()
