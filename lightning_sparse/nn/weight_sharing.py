@@ -160,7 +160,9 @@ def share_stage_weights(model: nn.Module, source_block: int = 1, min_blocks: int
     if source_block < 0:
         raise ValueError(f"source_block is a 0-based block index and must be >= 0, got {source_block}.")
     if min_blocks < 2:
-        raise ValueError(f"min_blocks must be >= 2 (a source block and at least one block reusing it), got {min_blocks}.")
+        raise ValueError(
+            f"min_blocks must be >= 2 (a source block and at least one block reusing it), got {min_blocks}."
+        )
     already = [name for name, module in model.named_modules() if isinstance(module, SharedConv2d)]
     if already:
         raise ValueError(
