@@ -1,0 +1,180 @@
+"""Channel-wise dynamic ReLU (DyReLU-B) with a blend factor toward plain ReLU.
+
+Implements Chen et al. 2020, "Dynamic ReLU", variant B (coefficients shared over space, one set per channel), as
+used by EAST (Li et al. 2024) and specified in ALGORITHMS.md §3c. The blend factor ``beta`` implements EAST's
+phase-out (ALGORITHMS.md §3c "Phasing", §3h item 1: paper semantics, DyReLU from the start, blended to ReLU).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DyReLU", "validate_blend"]
+
+
+def validate_blend(beta: float) -> float:
+    """Check a DyReLU blend factor and return it as a Python float.
+
+    Args:
+        beta: Blend factor; 1 = pure DyReLU, 0 = exactly ReLU (ALGORITHMS.md §3c).
+
+    Returns:
+        ``beta`` as a ``float``.
+
+    Raises:
+        TypeError: If ``beta`` is not a real number (e.g. a tensor or a bool).
+        ValueError: If ``beta`` is not finite or lies outside [0, 1].
+    """
+    if isinstance(beta, bool) or not isinstance(beta, Real):
+        raise TypeError(f"DyReLU blend factor beta must be a real number in [0, 1], got {type(beta).__name__}.")
+    value = float(beta)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"DyReLU blend factor beta must lie in [0, 1] (1 = DyReLU, 0 = ReLU), got {value}.")
+    return value
+
+
+class DyReLU(nn.Module):
+    """Dynamic ReLU, variant B: per-channel piecewise-linear activation predicted from the input.
+
+    For an input ``x`` of shape ``(N, C, *spatial)`` (Chen et al. 2020 DyReLU-B; ALGORITHMS.md §3c):
+
+    1. ``z = mean(x, spatial dims)`` (shape ``(N, C)``; for a 2-D input ``z = x``);
+    2. ``theta = 2 * sigmoid(fc2(relu(fc1(z)))) - 1`` with ``fc1: C -> max(1, C // reduction)`` and
+       ``fc2: hidden -> 2K * C``, viewed as ``(N, C, 2K) = [a^1..a^K, b^1..b^K]`` per channel;
+    3. ``a^k = a^k_init + lambda_a * theta_a^k`` and ``b^k = b^k_init + lambda_b * theta_b^k``;
+    4. EAST blend (coefficients, not outputs): ``coeff = beta * coeff + (1 - beta) * (1, 0, ..., 0)``;
+    5. ``y = max_k (a^k * x + b^k)``.
+
+    With ``beta == 0`` the module returns ``torch.relu(x)`` and does not run its hyper-network, so a phased-out
+    model has no dense per-input offset computations at inference (ALGORITHMS.md §3c "Inference").
+
+    The hyper-network layers ``fc1``/``fc2`` are ordinary dense ``nn.Linear`` layers; sparsity tooling should exclude
+    every parameter under a DyReLU module (EAST never masks them, ALGORITHMS.md §3c).
+
+    Args:
+        channels: Number of input channels C (size of dim 1 of the input).
+        reduction: Hyper-network reduction ratio R; the hidden width is ``max(1, channels // reduction)``.
+        num_pieces: Number of linear pieces K (>= 2, so that ReLU is representable).
+        lambdas: ``(lambda_a, lambda_b)``, ranges of the slope and offset residuals.
+        init_coefficients: ``(a^1_init, ..., a^K_init, b^1_init, ..., b^K_init)``, 2K values. ``None`` gives
+            ReLU's coefficients ``(1, 0, ..., 0)``, which for K = 2 is the paper's ``(1.0, 0.0, 0.0, 0.0)``.
+
+    Raises:
+        ValueError: If an argument is out of range or ``init_coefficients`` does not hold 2K values.
+
+    Example:
+        >>> act = DyReLU(16)
+        >>> act(torch.randn(4, 16, 8, 8)).shape
+        torch.Size([4, 16, 8, 8])
+        >>> act.beta = 0.0  # now exactly torch.relu
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 4,
+        num_pieces: int = 2,
+        lambdas: tuple[float, float] = (1.0, 0.5),
+        init_coefficients: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"DyReLU channels must be a positive int, got {channels!r}.")
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(f"DyReLU reduction must be a positive int, got {reduction!r}.")
+        if isinstance(num_pieces, bool) or not isinstance(num_pieces, int) or num_pieces < 2:
+            raise ValueError(
+                f"DyReLU num_pieces must be an int >= 2 (ReLU needs two pieces), got {num_pieces!r}."
+            )
+        if len(lambdas) != 2:
+            raise ValueError(f"DyReLU lambdas must be (lambda_a, lambda_b), got {lambdas!r}.")
+        relu_coefficients = [1.0] + [0.0] * (2 * num_pieces - 1)
+        if init_coefficients is None:
+            init_coefficients = tuple(relu_coefficients)
+        if len(init_coefficients) != 2 * num_pieces:
+            raise ValueError(
+                f"DyReLU init_coefficients must hold 2 * num_pieces = {2 * num_pieces} values "
+                f"(a^1..a^K then b^1..b^K), got {len(init_coefficients)}: {tuple(init_coefficients)!r}."
+            )
+
+        self.channels = channels
+        self.reduction = reduction
+        self.num_pieces = num_pieces
+        self.lambdas = (float(lambdas[0]), float(lambdas[1]))
+        self.init_coefficients = tuple(float(v) for v in init_coefficients)
+        self.hidden_channels = max(1, channels // reduction)
+        self.site_name: str | None = None
+        self._beta = 1.0
+
+        self.fc1 = nn.Linear(channels, self.hidden_channels)
+        self.fc2 = nn.Linear(self.hidden_channels, 2 * num_pieces * channels)
+        # Constants, not state: non-persistent so they follow .to(device) but stay out of the state_dict.
+        lambda_per_coefficient = [self.lambdas[0]] * num_pieces + [self.lambdas[1]] * num_pieces
+        self.register_buffer("coefficient_lambdas", torch.tensor(lambda_per_coefficient), persistent=False)
+        self.register_buffer("coefficient_init", torch.tensor(self.init_coefficients), persistent=False)
+        self.register_buffer("relu_coefficients", torch.tensor(relu_coefficients), persistent=False)
+
+    @property
+    def beta(self) -> float:
+        """Blend factor in [0, 1]: 1 = DyReLU, 0 = exactly ReLU (a plain float, not saved in the state_dict)."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = validate_blend(value)
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """Blended per-sample, per-channel coefficients ``[a^1..a^K, b^1..b^K]``.
+
+        Args:
+            x: Input of shape ``(N, C, *spatial)``.
+
+        Returns:
+            Tensor of shape ``(N, C, 2K)`` (ALGORITHMS.md §3c steps 1-5).
+        """
+        self._check_input(x)
+        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        theta = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(pooled)))) - 1.0
+        theta = theta.view(x.shape[0], self.channels, 2 * self.num_pieces)
+        coefficients = self.coefficient_init.to(theta.dtype) + self.coefficient_lambdas.to(theta.dtype) * theta
+        if self._beta != 1.0:
+            relu = self.relu_coefficients.to(theta.dtype)
+            coefficients = self._beta * coefficients + (1.0 - self._beta) * relu
+        return coefficients
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply ``y = max_k (a^k x + b^k)`` per channel, or ``relu(x)`` when ``beta == 0``."""
+        self._check_input(x)
+        if self._beta == 0.0:
+            return torch.relu(x)
+        coefficients = self.coefficients(x)
+        # (N, C, 2K) -> (N, C, 1, ..., 1, 2K) so they broadcast against x[..., None] of shape (N, C, *spatial, 1).
+        coefficients = coefficients.view(x.shape[0], self.channels, *([1] * (x.dim() - 2)), 2 * self.num_pieces)
+        slopes = coefficients[..., : self.num_pieces]
+        offsets = coefficients[..., self.num_pieces :]
+        return (x.unsqueeze(-1) * slopes + offsets).amax(dim=-1)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"DyReLU expects an input of shape (N, C, *spatial), got shape {tuple(x.shape)}."
+            )
+        if x.shape[1] != self.channels:
+            where = f" at '{self.site_name}'" if self.site_name else ""
+            raise ValueError(
+                f"DyReLU{where} was built for {self.channels} channels but got an input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}). One activation module may be used at several sites with different "
+                "widths; give each activation site its own module, or build DyReLU with the right channel count."
+            )
+
+    def extra_repr(self) -> str:
+        site = f", site_name={self.site_name!r}" if self.site_name else ""
+        return (
+            f"channels={self.channels}, reduction={self.reduction}, num_pieces={self.num_pieces}, "
+            f"lambdas={self.lambdas}, beta={self._beta}{site}"
+        )
