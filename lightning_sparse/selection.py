@@ -10,24 +10,14 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+__all__ = ["EXEMPT_ATTRIBUTE", "PRUNABLE_MODULE_TYPES", "select_sparse_parameters"]
+
 PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Module types whose ``weight`` is sparse by default (biases and normalisation layers never are)."""
 
 EXEMPT_ATTRIBUTE = "sparsity_exempt"
 """A module with ``sparsity_exempt = True`` keeps its whole subtree dense by default (e.g. DyReLU's hyper-network,
 which EAST trains densely, ALGORITHMS.md §3c)."""
-
-
-def parameter_uses(module: nn.Module) -> dict[str, int]:
-    """How many places of ``module`` register each parameter (more than 1 under weight sharing).
-
-    Keys are the canonical names of ``module.named_parameters()`` (first registration wins).
-    """
-    canonical = {id(param): name for name, param in module.named_parameters()}
-    uses = dict.fromkeys(canonical.values(), 0)
-    for _, param in module.named_parameters(remove_duplicate=False):
-        uses[canonical[id(param)]] += 1
-    return uses
 
 
 def _default_sparse_names(module: nn.Module) -> list[str]:

@@ -22,7 +22,8 @@ from typing_extensions import override
 from lightning_sparse.callbacks._sparsity_logging import log_sparsity
 from lightning_sparse.functional.distributions import DISTRIBUTIONS, _validate_sparsity, active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, TopologyUpdater, check_masks_fit
-from lightning_sparse.selection import parameter_uses, select_sparse_parameters
+from lightning_sparse.nn.weight_sharing import parameter_uses
+from lightning_sparse.selection import select_sparse_parameters
 
 
 class MaskInit(Callback, MaskOwner):

@@ -74,6 +74,10 @@ class DyReLU(nn.Module):
         >>> act.beta = 0.0  # now exactly torch.relu
     """
 
+    sparsity_exempt = True
+    """Its hyper-network is trained densely and never masked (ALGORITHMS.md §3c); MaskInit skips it by default."""
+
+
     def __init__(
         self,
         channels: int,
