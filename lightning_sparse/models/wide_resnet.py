@@ -103,7 +103,9 @@ class WideResNet(nn.Module):
         super().__init__()
         check_positive_int(depth=depth, width=width, num_classes=num_classes, in_channels=in_channels)
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"depth must be 6 * n + 4 with n >= 1 blocks per stage (e.g. 16, 22, 28, 40), got {depth}.")
+            raise ValueError(
+                f"depth must be 6 * n + 4 with n >= 1 blocks per stage (e.g. 16, 22, 28, 40), got {depth}."
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
         make_activation = resolve_activation(activation)
