@@ -38,7 +38,8 @@ def test_batches_have_cifar_like_shape_dtype_and_labels(datamodule):
 
 
 def test_split_sizes_cover_all_images_once(datamodule):
-    assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (NUM_TRAIN, NUM_VAL, NUM_TEST)
+    sizes = (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set))
+    assert sizes == (NUM_TRAIN, NUM_VAL, NUM_TEST)
     split_sum = sum(split.images.sum(0) for split in (datamodule.train_set, datamodule.val_set, datamodule.test_set))
     raw = torch.as_tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
     all_resized = F.interpolate(raw, size=(32, 32), mode="bilinear", align_corners=False)
