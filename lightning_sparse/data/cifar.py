@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning as L
 import torch
@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 
 from lightning_sparse.data.errors import DatasetNotFoundError
 
-_PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
+PaddingMode = Literal["constant", "edge", "reflect", "symmetric"]
+_PADDING_MODES = get_args(PaddingMode)
 
 
 class _TransformedSubset(Dataset):
@@ -55,7 +56,7 @@ class _CIFARDataModule(L.LightningDataModule):
         val_split: float = 0.0,
         seed: int = 0,
         augment: bool = True,
-        padding_mode: str = "reflect",
+        padding_mode: PaddingMode = "reflect",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -99,6 +100,8 @@ class _CIFARDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits: train (minus a seeded ``val_split`` fraction), val (held out, or test), test."""
+        if stage == "validate" and self.val_split == 0 and self.val_set is None:
+            self.val_set = self._test_split()  # validating on the test set needs no training data
         if stage in (None, "fit", "validate") and self.val_set is None:
             if self.val_split > 0:
                 full_train = self._open_split(train=True, download=False)

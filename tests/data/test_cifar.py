@@ -154,3 +154,10 @@ def test_training_images_are_augmented_and_validation_images_are_not(fake_cifar1
     red_row = datamodule.val_set[0][0][0, 0]
     expected_row = (torch.arange(32) * 8 / 255 - CIFAR10DataModule.mean[0]) / CIFAR10DataModule.std[0]
     assert torch.allclose(red_row, expected_row, atol=1e-5)
+
+
+def test_validate_only_needs_the_test_split_when_val_split_is_zero(fake_cifar10):
+    datamodule = CIFAR10DataModule(data_dir=str(fake_cifar10), download=False)
+    datamodule.setup("validate")
+    assert datamodule.train_set is None
+    assert datamodule.val_set is datamodule.test_set and len(datamodule.val_set) == NUM_TEST
