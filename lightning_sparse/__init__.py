@@ -1,8 +1,30 @@
-"""lightning-sparse: dynamic sparse training for any PyTorch Lightning CNN, as Trainer callbacks."""
+"""lightning-sparse: dynamic sparse training for any PyTorch Lightning CNN, as Trainer callbacks.
+
+The public names, re-exported from their subpackages:
+
+* callbacks: :class:`MaskInit`;
+* the mask registry: :class:`SparseMasks`, :func:`find_mask_owner`;
+* building blocks (no Lightning import): :class:`DyReLU`, :func:`share_stage_weights` and friends in
+  :mod:`lightning_sparse.nn`; pure tensor functions in :mod:`lightning_sparse.functional`;
+* models and data: :mod:`lightning_sparse.models`, :mod:`lightning_sparse.data`;
+* export: :func:`save_sparse`, :func:`load_sparse`.
+"""
 
 from lightning_sparse.callbacks import MaskInit
+from lightning_sparse.export import load_sparse, save_sparse
 from lightning_sparse.masks import SparseMasks, find_mask_owner
+from lightning_sparse.nn import DyReLU, SharedConv2d, share_stage_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["MaskInit", "SparseMasks", "find_mask_owner", "__version__"]
+__all__ = [
+    "DyReLU",
+    "MaskInit",
+    "SharedConv2d",
+    "SparseMasks",
+    "__version__",
+    "find_mask_owner",
+    "load_sparse",
+    "save_sparse",
+    "share_stage_weights",
+]
