@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, get_args
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightning_sparse.data._base import ImageDataModule
 from lightning_sparse.data.errors import DatasetNotFoundError
 
 PaddingMode = Literal["constant", "edge", "reflect", "symmetric"]
@@ -37,7 +37,7 @@ class _TransformedSubset(Dataset):
         return self.transform(image), label
 
 
-class _CIFARDataModule(L.LightningDataModule):
+class _CIFARDataModule(ImageDataModule):
     """Shared CIFAR logic; subclasses set the torchvision dataset class, the name and the statistics."""
 
     dataset_class: ClassVar[type[datasets.CIFAR10]]
@@ -58,11 +58,7 @@ class _CIFARDataModule(L.LightningDataModule):
         augment: bool = True,
         padding_mode: PaddingMode = "reflect",
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        super().__init__(batch_size, num_workers)
         if not 0.0 <= val_split < 1.0:
             raise ValueError(
                 f"val_split must be in [0, 1) (e.g. 0.1 as in EAST, or 0 to validate on test), got {val_split}."
@@ -72,15 +68,10 @@ class _CIFARDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_split = val_split
         self.seed = seed
         self.augment = augment
         self.padding_mode = padding_mode
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     def train_transform(self) -> v2.Compose:
         """Pad 4 + random crop 32 + horizontal flip (if ``augment``), then normalise (ALGORITHMS.md §2b, §3f)."""
@@ -143,30 +134,6 @@ class _CIFARDataModule(L.LightningDataModule):
             f"(so that {folder} exists), or set data_dir to the folder that contains "
             f"'{self.dataset_class.base_folder}'."
         )
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 class CIFAR10DataModule(_CIFARDataModule):

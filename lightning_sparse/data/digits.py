@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from lightning_sparse.data._base import ImageDataModule, check_positive
 
 _INSTALL_HINT = 'pip install "lightning-sparse[offline]"'
 
@@ -51,7 +52,7 @@ class _ImageTensorDataset(Dataset):
         return self.transform(self.images[index]), self.labels[index]
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ImageDataModule):
     """Real handwritten digits that need no download, shaped like CIFAR for quick offline runs.
 
     The data is scikit-learn's copy of the UCI "Optical Recognition of Handwritten Digits" test set
@@ -102,12 +103,8 @@ class DigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         augment: bool = True,
     ) -> None:
-        super().__init__()
-        for name, value in (("image_size", image_size), ("channels", channels), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        super().__init__(batch_size, num_workers)
+        check_positive(image_size=image_size, channels=channels)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
@@ -118,17 +115,12 @@ class DigitsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.image_size = image_size
         self.channels = channels
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
         self.augment = augment
         self.mean: float | None = None
         self.std: float | None = None
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
         # Fail at construction, not after the Trainer has started, when scikit-learn is missing.
         _import_load_digits()
 
@@ -163,23 +155,3 @@ class DigitsDataModule(L.LightningDataModule):
         self.train_set = _ImageTensorDataset(images[train_index], labels[train_index], train_transform)
         self.val_set = _ImageTensorDataset(images[val_index], labels[val_index], eval_transform)
         self.test_set = _ImageTensorDataset(images[test_index], labels[test_index], eval_transform)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightning_sparse.data._base import ImageDataModule, check_positive
 from lightning_sparse.data.errors import DatasetNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,7 +21,7 @@ _LAYOUT_HINT = (
 )
 
 
-class ImageNetFolderDataModule(L.LightningDataModule):
+class ImageNetFolderDataModule(ImageDataModule):
     """Class-folder image data read with torchvision's ``ImageFolder``, with the standard ImageNet pipeline.
 
     Train: ``RandomResizedCrop(image_size)`` + horizontal flip. Validation and test (both read from
@@ -57,26 +56,17 @@ class ImageNetFolderDataModule(L.LightningDataModule):
         resize_size: int = 256,
         augment: bool = True,
     ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("resize_size", resize_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        super().__init__(batch_size, num_workers)
+        check_positive(image_size=image_size, resize_size=resize_size)
         if resize_size < image_size:
             raise ValueError(
                 f"resize_size ({resize_size}) must be >= image_size ({image_size}) for the evaluation center crop."
             )
         self.save_hyperparameters()
         self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.image_size = image_size
         self.resize_size = resize_size
         self.augment = augment
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -150,30 +140,6 @@ class ImageNetFolderDataModule(L.LightningDataModule):
                 + _LAYOUT_HINT.format(root=root)
             )
         return train_classes
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageNetFolderDataModule.setup() must run before asking for a dataloader.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
 
 def _class_folders(folder: str) -> list[str]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_sparse import MaskInit
 from lightning_sparse.functional.distributions import active_counts, layer_densities
-from tests.helpers import Classifier, TinyCNN, masked_positions_are_zero, random_loader, trainer_kwargs
+from tests.helpers import Classifier, masked_positions_are_zero, random_loader, trainer_kwargs
 
 
 def _fit(tmp_path, module=None, callbacks=None, loader=None, **trainer_overrides):
