@@ -110,7 +110,9 @@ class Bottleneck(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs: 3x3 stride-1 stem conv + BN + activation, no max-pool, four stages.
 
-    Stage widths are 64/128/256/512 (times the block expansion); stages 2-4 halve the resolution.
+    Stage widths are ``width`` x (1, 2, 4, 8), i.e. 64/128/256/512 by default (times the block expansion);
+    stages 2-4 halve the resolution. A smaller ``width`` gives the same topology at a fraction of the cost
+    (``width=16`` has about 1/16 of the parameters), handy for CPU experiments.
     Init: He-normal (fan_out) for every conv, i.e. std sqrt(2 / (k^2 * c_out)) (ALGORITHMS.md §2b "init"),
     BatchNorm weight 1 and bias 0; the classifier keeps PyTorch's default ``nn.Linear`` init.
 
@@ -121,6 +123,7 @@ class CifarResNet(nn.Module):
         in_channels: image channels.
         activation: activation class built once per site (default ``nn.ReLU``).
         fc_bias: whether the classifier has a bias (the EAST code uses none, ALGORITHMS.md §3f).
+        width: channels of the stem and the first stage.
 
     Raises:
         ValueError: if ``blocks_per_stage`` does not hold four positive integers, or a size is not positive.
@@ -141,6 +144,7 @@ class CifarResNet(nn.Module):
         in_channels: int = 3,
         activation: type[nn.Module] | None = None,
         fc_bias: bool = True,
+        width: int = 64,
     ) -> None:
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
@@ -148,15 +152,16 @@ class CifarResNet(nn.Module):
         blocks_per_stage = tuple(blocks_per_stage)
         if len(blocks_per_stage) != 4 or any(not isinstance(n, int) or n < 1 for n in blocks_per_stage):
             raise ValueError(f"blocks_per_stage must be four positive integers, got {blocks_per_stage!r}.")
-        check_positive_int(num_classes=num_classes, in_channels=in_channels)
+        check_positive_int(num_classes=num_classes, in_channels=in_channels, width=width)
         make_activation = resolve_activation(activation)
 
-        self.conv1 = _conv3x3(in_channels, 64)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = _conv3x3(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
         self.act1 = make_activation()
-        channels = 64
+        channels = width
         stages = []
-        for stage_index, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
+        stage_widths = (width, 2 * width, 4 * width, 8 * width)
+        for stage_index, (planes, num_blocks) in enumerate(zip(stage_widths, blocks_per_stage)):
             stride = 1 if stage_index == 0 else 2
             blocks = []
             for block_index in range(num_blocks):
@@ -175,7 +180,11 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet18(
-    num_classes: int = 10, in_channels: int = 3, activation: type[nn.Module] | None = None, fc_bias: bool = True
+    num_classes: int = 10,
+    in_channels: int = 3,
+    activation: type[nn.Module] | None = None,
+    fc_bias: bool = True,
+    width: int = 64,
 ) -> CifarResNet:
     """CIFAR-style ResNet-18: BasicBlocks ``(2, 2, 2, 2)``; 11,173,962 parameters at 10 classes.
 
@@ -184,15 +193,20 @@ def cifar_resnet18(
         in_channels: image channels.
         activation: activation class built once per site (default ``nn.ReLU``).
         fc_bias: whether the classifier has a bias.
+        width: channels of the stem and the first stage (64 is the standard network).
 
     Returns:
         The model (see :class:`CifarResNet`).
     """
-    return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, activation, fc_bias)
+    return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, activation, fc_bias, width)
 
 
 def cifar_resnet34(
-    num_classes: int = 10, in_channels: int = 3, activation: type[nn.Module] | None = None, fc_bias: bool = True
+    num_classes: int = 10,
+    in_channels: int = 3,
+    activation: type[nn.Module] | None = None,
+    fc_bias: bool = True,
+    width: int = 64,
 ) -> CifarResNet:
     """CIFAR-style ResNet-34: BasicBlocks ``(3, 4, 6, 3)``; 21,282,122 parameters at 10 classes.
 
@@ -203,15 +217,20 @@ def cifar_resnet34(
         in_channels: image channels.
         activation: activation class built once per site (default ``nn.ReLU``).
         fc_bias: whether the classifier has a bias.
+        width: channels of the stem and the first stage (64 is the standard network).
 
     Returns:
         The model (see :class:`CifarResNet`).
     """
-    return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias)
+    return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias, width)
 
 
 def cifar_resnet50(
-    num_classes: int = 10, in_channels: int = 3, activation: type[nn.Module] | None = None, fc_bias: bool = True
+    num_classes: int = 10,
+    in_channels: int = 3,
+    activation: type[nn.Module] | None = None,
+    fc_bias: bool = True,
+    width: int = 64,
 ) -> CifarResNet:
     """CIFAR-style ResNet-50: Bottlenecks ``(3, 4, 6, 3)``; 23,520,842 parameters at 10 classes.
 
@@ -220,8 +239,9 @@ def cifar_resnet50(
         in_channels: image channels.
         activation: activation class built once per site (default ``nn.ReLU``).
         fc_bias: whether the classifier has a bias.
+        width: channels of the stem and the first stage (64 is the standard network).
 
     Returns:
         The model (see :class:`CifarResNet`).
     """
-    return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias)
+    return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias, width)

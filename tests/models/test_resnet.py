@@ -180,3 +180,16 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
     arguments = {"block": BasicBlock, "blocks_per_stage": (2, 2, 2, 2)} | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
         CifarResNet(**arguments)
+
+
+def test_width_scales_every_stage():
+    from lightning_sparse.models import cifar_resnet18
+
+    default = cifar_resnet18()
+    narrow = cifar_resnet18(width=16)
+    assert sum(p.numel() for p in cifar_resnet18(width=64).parameters()) == sum(p.numel() for p in default.parameters())
+    assert [narrow.conv1.out_channels] + [getattr(narrow, f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3, 4)] == [
+        16, 16, 32, 64, 128,
+    ]
+    assert narrow.fc.in_features == 128
+    assert narrow(torch.randn(2, 3, 16, 16)).shape == (2, 10)
