@@ -303,6 +303,18 @@ class DynamicReallocation(Callback):
         if state_dict.get("ever_active") is not None:
             self._checkpoint_ever_active = dict(state_dict["ever_active"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks into the workers; a torch.Generator's own pickle goes through a shared
+        # storage that torch.multiprocessing fails to rebuild, so it travels as plain bytes.
+        state = self.__dict__.copy()
+        state["_generator"] = bytes(self._generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "_generator": generator})
+
     # ------------------------------------------------------------------------------------------- the update
     def _masks(self) -> SparseMasks:
         if self._owner is None:

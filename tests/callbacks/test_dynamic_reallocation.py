@@ -361,3 +361,13 @@ def test_without_mask_init_fails_before_the_first_step(tmp_path):
     with pytest.raises(RuntimeError, match="no MaskInit callback: add MaskInit"):
         trainer.fit(Classifier(), random_loader())
     assert trainer.global_step == 0
+
+
+def test_pickling_keeps_the_generator_state():
+    import pickle
+
+    realloc = DynamicReallocation("set", seed=3)
+    torch.randperm(10, generator=realloc._generator)
+    copy = pickle.loads(pickle.dumps(realloc))
+    assert torch.equal(copy._generator.get_state(), realloc._generator.get_state())
+    assert torch.equal(torch.randperm(50, generator=copy._generator), torch.randperm(50, generator=realloc._generator))
