@@ -98,8 +98,10 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--prune-fraction", type=float, default=0.1, help="Np as a fraction of the active weights")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     shapes = [(64, 32, 3, 3), (128, 64, 3, 3), (10, 128)] if args.quick else resnet50_weight_shapes()
     repeats = 2 if args.quick else args.repeats

@@ -9,7 +9,7 @@ medians over ``--repeats`` runs. CPU only. Writes ``benchmarks/results/step_over
 
 Usage::
 
-    python benchmarks/step_overhead.py           # full: torchvision resnet18, 32x32, batch 32, 110 steps/run
+    python benchmarks/step_overhead.py           # full: torchvision resnet18, 32x32, batch 64, 110 steps/run
     python benchmarks/step_overhead.py --quick   # a tiny CNN, seconds
 """
 
@@ -102,12 +102,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--every-n-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.steps, args.warmup, args.batch_size, args.size, args.every_n_steps = 2, 6, 2, 8, 16, 4
     warnings.filterwarnings("ignore")
