@@ -73,6 +73,7 @@ class SparseMasks(Mapping[str, Tensor]):
         self._multipliers: list[Tensor] | None = None
         self.version = 0
         """Incremented at every mask change; lets observers (loggers) notice changes cheaply."""
+        self._budget_holder: str | None = None
 
     # ----------------------------------------------------------------------------------- mapping interface
     def __getitem__(self, name: str) -> Tensor:
@@ -141,6 +142,33 @@ class SparseMasks(Mapping[str, Tensor]):
             digest.update(name.encode())
             digest.update(mask.detach().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    # -------------------------------------------------------------------------------------- budget holding
+    @property
+    def budget_holder(self) -> str | None:
+        """Name of the callback that currently owns the active-weight count, or ``None``.
+
+        ARCHITECTURE.md §3: while a density schedule (EAST's cyclic sparsity) is changing the number of active
+        weights, it is the only one allowed to; count-preserving updaters (DynamicReallocation) stand aside.
+        The holder re-asserts the hold from its own state in its topology updater, which runs first (lower
+        ``order``), so the hold needs no checkpointing.
+        """
+        return self._budget_holder
+
+    def hold_budget(self, holder: str) -> None:
+        """Claim the active-weight count for ``holder``; other updaters skip their updates until it is released.
+
+        Raises:
+            RuntimeError: if another holder already holds it.
+        """
+        if self._budget_holder not in (None, holder):
+            raise RuntimeError(f"{holder} cannot hold the mask budget: {self._budget_holder} already holds it")
+        self._budget_holder = holder
+
+    def release_budget(self, holder: str) -> None:
+        """Give the active-weight count back (a no-op if ``holder`` does not hold it)."""
+        if self._budget_holder == holder:
+            self._budget_holder = None
 
     # ------------------------------------------------------------------------------------------ invariants
     def attach_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:

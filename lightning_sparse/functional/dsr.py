@@ -83,21 +83,26 @@ def dsr_prune(
     _check_paired(masks, weights, "weights")
     if not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"`threshold` must be a finite number >= 0, got {threshold}.")
-    kept_masks: list[Tensor] = []
     pruned_masks: list[Tensor] = []
+    survivor_counts: list[Tensor] = []
     for weight, mask in zip(weights, masks):
         # float32 at least, so H is not rounded to half precision in the comparison.
         magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
-        below = mask & (magnitude < threshold)
-        # If nothing would survive, keep the active weight of largest |w| (argmax returns the first maximum).
-        layer_emptied = (below == mask).all() & mask.any()
+        pruned = mask & (magnitude < threshold)
+        pruned_masks.append(pruned)
+        survivor_counts.append((mask.sum() - pruned.sum()).cpu())
+    # One host sync for all layers; the (rare) layers that would be emptied are then rescued one by one.
+    for index in torch.nonzero(torch.stack(survivor_counts) == 0).flatten().tolist():
+        mask, pruned = masks[index], pruned_masks[index]
+        if not bool(mask.any()):
+            continue
+        # Keep the active weight of largest |w| (argmax returns the first maximum).
+        magnitude = weights[index].detach().abs().to(torch.promote_types(weights[index].dtype, torch.float32))
         scores = torch.where(mask, magnitude, torch.full_like(magnitude, -math.inf)).reshape(-1)
         rescued = torch.zeros_like(mask).reshape(-1)
         rescued[scores.argmax()] = True
-        rescued = rescued.reshape(mask.shape) & layer_emptied
-        pruned = below & ~rescued
-        pruned_masks.append(pruned)
-        kept_masks.append(mask & ~pruned)
+        pruned_masks[index] = pruned & ~rescued.reshape(mask.shape)
+    kept_masks = [mask & ~pruned for mask, pruned in zip(masks, pruned_masks)]
     return kept_masks, pruned_masks
 
 
@@ -346,9 +351,8 @@ def dsr_reallocate(
     new_masks = grow_random(kept, pruned, counts, generator)
     grown = [new & ~old for new, old in zip(new_masks, kept)]
     num_grown = int(counts.sum())
-    active_before = sum(int(mask.sum()) for mask in masks)
-    active_after = sum(int(mask.sum()) for mask in new_masks)
-    assert active_after == active_before, f"DSR changed the active count from {active_before} to {active_after}."
+    # grow_random activates exactly counts[l] new positions per layer, so the total is unchanged by construction.
+    assert num_grown == num_pruned, f"DSR regrew {num_grown} weights for {num_pruned} pruned."
     return DSRResult(
         masks=new_masks,
         pruned=pruned,

@@ -121,6 +121,26 @@ def test_random_grow_is_roughly_uniform() -> None:
     assert bool(((hits[1:] > 60) & (hits[1:] < 140)).all()), hits.tolist()
 
 
+@pytest.mark.parametrize("count", [3, 40])  # 3 of 60 candidates: rejection draws; 40 of 60: randperm
+def test_random_grow_both_samplers_give_uniform_pairs_and_exact_counts(count: int) -> None:
+    # 100 positions: 20 active, 20 excluded, 60 candidates. Each candidate must be picked with probability
+    # count / 60, whichever sampler random_grow uses for this count.
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[:20] = True
+    excluded = torch.zeros(100, dtype=torch.bool)
+    excluded[20:40] = True
+    generator = _gen(1)
+    hits = torch.zeros(100)
+    trials = 600
+    for _ in range(trials):
+        new = random_grow(mask, count, generator, excluded=excluded)
+        assert int((new & ~mask).sum()) == count and not (new & excluded).any() and torch.equal(new & mask, mask)
+        hits += (new & ~mask).float()
+    expected = trials * count / 60
+    assert hits[:40].sum() == 0
+    assert bool(((hits[40:] - expected).abs() < 5 * expected**0.5).all()), hits[40:].tolist()
+
+
 def test_random_grow_rejects_count_above_candidates() -> None:
     with pytest.raises(ValueError, match="only 1 inactive"):
         random_grow(_bool([True, False, False]), 2, _gen(), excluded=_bool([False, True, False]))

@@ -1,0 +1,451 @@
+r"""
+DynamicReallocation
+^^^^^^^^^^^^^^^^^^^
+
+Moves the active weights of a sparse model during training: DSR (global adaptive threshold, reallocation across
+layers), SET (per-layer magnitude drop, random regrowth) or RigL (per-layer magnitude drop, dense-gradient growth).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
+from lightning_sparse.functional.dsr import dsr_reallocate
+from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
+from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
+
+__all__ = ["DynamicReallocation", "METHODS"]
+
+METHODS = ("dsr", "set", "rigl")
+"""The topology-update methods of :class:`DynamicReallocation`."""
+
+_DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
+_UPDATER_ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
+_FLOOR_EPSILON = 1e-9
+
+
+class DynamicReallocation(Callback):
+    r"""Prune and regrow the active weights every few optimizer steps, keeping their total fixed.
+
+    Needs a :class:`~lightning_sparse.callbacks.MaskInit` in the same Trainer and changes its masks only through
+    :meth:`SparseMasks.update_ <lightning_sparse.masks.SparseMasks.update_>`, so after every update the active count
+    equals the count before it (checked), pruned weights and their optimizer state are 0, and grown weights and
+    their optimizer state start at 0.
+
+    Methods:
+
+    * ``"dsr"`` (Mostafa & Wang 2019, ALGORITHMS.md §2a): prune every active weight with ``|w| < H`` (one global
+      threshold H over all sparse tensors; a layer is never emptied), regrow as many weights, shared out in
+      proportion to each layer's surviving weights, at random inactive positions not pruned in this update (value
+      0); then ``H <- H / 2`` if more than ``(1 + tolerance) x Np`` were pruned, ``H <- 2 H`` if fewer than
+      ``(1 - tolerance) x Np``. Per-layer densities drift; the total is fixed.
+    * ``"set"`` (Mocanu et al. 2018, ALGORITHMS.md §4b): per tensor, drop the fraction ``drop_fraction`` of the
+      active weights with the smallest ``|w|`` and regrow as many at random positions that were inactive before
+      the update (value 0). A tensor with fewer inactive positions than that replaces only as many as it has (a
+      fully dense tensor is left as it is). Per-tensor counts are fixed.
+    * ``"rigl"`` (Evci et al. 2020, ALGORITHMS.md §4a): per tensor, drop ``f(t) x nnz`` active weights with the
+      smallest ``|w|`` and grow the positions with the largest dense-gradient magnitude, where
+      ``f(t) = drop_fraction / 2 x (1 + cos(pi t / T_end))`` and ``T_end`` is the ``stop_at`` step. A tensor whose
+      gradient is ``None`` at an update step (unused in that step) is left unchanged: there is no gradient to rank
+      growth by, and a random fallback would silently turn RigL into SET for that tensor. Per-tensor counts are
+      fixed.
+
+    When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
+    with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
+    inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked, so they see the dense,
+    DDP-averaged, AMP-unscaled gradient whatever the order of the callbacks list (ARCHITECTURE.md §4). An update is
+    skipped, and counted, when a sparse tensor's gradient is not finite, and while another callback holds the mask
+    budget (:meth:`SparseMasks.hold_budget <lightning_sparse.masks.SparseMasks.hold_budget>`; EAST's cyclic density
+    schedule does so during its cycles).
+
+    DDP: random growth draws from a CPU ``torch.Generator`` seeded with ``seed`` on every rank, and the weights and
+    gradients are identical on every rank, so ranks compute identical masks on their own. After each update the
+    masks are broadcast from rank 0 as a safety net; a correction is counted (``num_rank_corrections``) and warned
+    about, since it means something made the ranks diverge.
+
+    Logged through ``pl_module.log`` (TensorBoard by default) on every training batch, so any
+    ``log_every_n_steps`` samples them: ``reallocation/threshold`` (DSR's H), ``reallocation/drop_fraction``
+    (SET/RigL), ``reallocation/pruned`` and ``reallocation/grown`` (counts at the last update),
+    ``reallocation/updates``, ``reallocation/skipped_nonfinite``, ``reallocation/skipped_held`` and
+    ``reallocation/itop_rate``: the in-time over-parameterisation rate (Liu et al. 2021), the fraction of
+    sparse-tensor positions that have been active at some point of training. Per-tensor densities are logged by
+    MaskInit whenever the masks change.
+
+    The threshold, the counters, the generator state and the ever-active masks are in :meth:`state_dict`, so a run
+    resumed from a Lightning checkpoint continues exactly.
+
+    Args:
+        method: ``"dsr"``, ``"set"`` or ``"rigl"``.
+        every_n_steps: the update period in optimizer steps (an int >= 1), or a
+            :class:`~lightning_sparse.schedules.PeriodSchedule` such as DSR's stepped period
+            ``SteppedPeriod(100, milestones=[0.125, 0.4, 0.7])`` (ALGORITHMS.md §2b).
+        stop_at: fraction of the total optimizer steps (``trainer.estimated_stepping_batches``) in (0, 1] after
+            which the masks are fixed. ``None``: 0.95 for DSR and SET (DSR's runs stop at epoch 190 of 200 and 95
+            of 100, ALGORITHMS.md §2b), 0.75 for RigL (§4a).
+        prune_target: DSR's Np, the number of weights the threshold aims to prune per update: an int >= 1 is a
+            count, a float in (0, 1) a fraction of the active weights at that update. ``None``: 0.1. (The paper's
+            WRN-28-2 runs use Np = 20,000, 0.07 to 0.14 of the active weights at 80% to 90% sparsity.) DSR only.
+        initial_threshold: DSR's H0 (> 0). ``None``: 1e-3, as in the paper's code. DSR only.
+        tolerance: DSR's delta (>= 0), the band ``[(1 - delta) Np, (1 + delta) Np]`` within which H is kept.
+            ``None``: 0.1, as in the paper. DSR only.
+        drop_fraction: SET's zeta or RigL's alpha, in (0, 1]. ``None``: 0.3 for both (SET's published default,
+            ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
+            SET and RigL only.
+        seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
+
+    Raises:
+        ValueError: at construction, for an unknown method, ``every_n_steps < 1``, ``stop_at`` outside (0, 1], an
+            out-of-range hyperparameter or one the method does not use; at the start of training, for a run
+            whose length is unknown (no ``max_epochs``/``max_steps``).
+        TypeError: at construction, for an argument of the wrong type.
+        RuntimeError: at setup, before the first step, if the Trainer has no MaskInit.
+
+    Example::
+
+        trainer = Trainer(max_epochs=200, callbacks=[
+            MaskInit(sparsity=0.9, distribution="uniform"),
+            DynamicReallocation("dsr", every_n_steps=SteppedPeriod(100, milestones=[0.125, 0.4, 0.7]),
+                                prune_target=20_000),
+        ])
+    """
+
+    def __init__(
+        self,
+        method: str = "dsr",
+        every_n_steps: int | PeriodSchedule = 100,
+        stop_at: float | None = None,
+        prune_target: int | float | None = None,
+        initial_threshold: float | None = None,
+        tolerance: float | None = None,
+        drop_fraction: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}")
+        self.method = method
+        self.schedule = _as_schedule(every_n_steps)
+        self.stop_at = _DEFAULT_STOP_AT[method] if stop_at is None else _check_stop_at(stop_at)
+
+        dsr_only = {"prune_target": prune_target, "initial_threshold": initial_threshold, "tolerance": tolerance}
+        unused = [name for name, value in dsr_only.items() if value is not None] if method != "dsr" else []
+        if method == "dsr" and drop_fraction is not None:
+            unused.append("drop_fraction")
+        if unused:
+            raise ValueError(
+                f"method={method!r} does not use {', '.join(unused)}; remove it (prune_target, initial_threshold and "
+                "tolerance are DSR's, drop_fraction is SET's zeta and RigL's alpha)"
+            )
+        self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
+        self.initial_threshold = 1e-3 if initial_threshold is None else float(initial_threshold)
+        if not (math.isfinite(self.initial_threshold) and self.initial_threshold > 0):
+            raise ValueError(f"initial_threshold (DSR's H0) must be a finite number > 0, got {initial_threshold}")
+        self.tolerance = 0.1 if tolerance is None else float(tolerance)
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance (DSR's delta) must be a finite number >= 0, got {tolerance}")
+        self.drop_fraction = 0.3 if drop_fraction is None else float(drop_fraction)
+        if not 0.0 < self.drop_fraction <= 1.0:
+            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+
+        self._generator = torch.Generator().manual_seed(seed)
+        self._threshold = self.initial_threshold
+        self._owner: MaskOwner | None = None
+        self._total_steps = 0
+        self._stop_step = 0
+        self._ever_active: dict[str, Tensor] | None = None
+        self._checkpoint_ever_active: dict[str, Tensor] | None = None
+        self._itop_rate = 0.0
+        self.num_updates = 0
+        """Updates that ran (including DSR updates that pruned nothing)."""
+        self.num_skipped_nonfinite = 0
+        """Updates skipped because a sparse tensor's gradient was not finite."""
+        self.num_skipped_held = 0
+        """Updates skipped because another callback held the mask budget."""
+        self.num_rank_corrections = 0
+        """Updates after which rank 0's broadcast changed this rank's masks (should stay 0)."""
+        self.last_update_step = -1
+        self.last_pruned = 0
+        self.last_grown = 0
+        self.last_drop_fraction = 0.0
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def threshold(self) -> float:
+        """DSR's global threshold H for the next update."""
+        return self._threshold
+
+    @property
+    def itop_rate(self) -> float:
+        """Fraction of sparse-tensor positions that have been active at some point (Liu et al. 2021)."""
+        return self._itop_rate
+
+    @property
+    def ever_active(self) -> Mapping[str, Tensor]:
+        """Parameter name -> bool tensor of the positions that have been active at some point of training."""
+        if self._ever_active is None:
+            raise RuntimeError("DynamicReallocation tracks active positions from the start of training on")
+        return dict(self._ever_active)
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find MaskInit (a clear error if there is none) and register the topology update with it."""
+        if stage != "fit":
+            return
+        self._owner = find_mask_owner(trainer, type(self).__name__)
+        self._owner.register_topology_updater(self._update, order=_UPDATER_ORDER)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fix the stop step from the run's length and start (or restore) the ever-active masks."""
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "DynamicReallocation needs the run's length to place stop_at: set Trainer(max_epochs=...) or "
+                "Trainer(max_steps=...)"
+            )
+        self._total_steps = max(int(total), 1)
+        self._stop_step = max(round(self.stop_at * self._total_steps), 1)
+        masks = self._masks()
+        if self._checkpoint_ever_active is not None:
+            check_masks_fit(self._checkpoint_ever_active, {name: mask.shape for name, mask in masks.items()})
+            self._ever_active = {
+                name: self._checkpoint_ever_active[name].to(device=mask.device, dtype=torch.bool) | mask
+                for name, mask in masks.items()
+            }
+            self._checkpoint_ever_active = None
+        elif self._ever_active is None or set(self._ever_active) != set(masks):
+            self._ever_active = {name: mask.clone() for name, mask in masks.items()}
+        self._itop_rate = self._count_ever_active() / masks.numel()
+        rank_zero_info(
+            f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
+            f"of {self._total_steps}"
+        )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Log the reallocation curves (host-side numbers only: no device sync)."""
+        metrics = {
+            "reallocation/updates": float(self.num_updates),
+            "reallocation/pruned": float(self.last_pruned),
+            "reallocation/grown": float(self.last_grown),
+            "reallocation/skipped_nonfinite": float(self.num_skipped_nonfinite),
+            "reallocation/skipped_held": float(self.num_skipped_held),
+            "reallocation/itop_rate": self._itop_rate,
+        }
+        if self.method == "dsr":
+            metrics["reallocation/threshold"] = self._threshold
+        else:
+            metrics["reallocation/drop_fraction"] = self.last_drop_fraction
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Threshold, counters, the growth generator's state and the ever-active masks (bool, on the CPU)."""
+        return {
+            "method": self.method,
+            "threshold": self._threshold,
+            "num_updates": self.num_updates,
+            "num_skipped_nonfinite": self.num_skipped_nonfinite,
+            "num_skipped_held": self.num_skipped_held,
+            "num_rank_corrections": self.num_rank_corrections,
+            "last_update_step": self.last_update_step,
+            "last_pruned": self.last_pruned,
+            "last_grown": self.last_grown,
+            "last_drop_fraction": self.last_drop_fraction,
+            "generator_state": self._generator.get_state(),
+            "ever_active": (
+                {name: mask.detach().cpu().clone() for name, mask in self._ever_active.items()}
+                if self._ever_active is not None
+                else None
+            ),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: if the checkpoint was written with another method.
+        """
+        if state_dict.get("method", self.method) != self.method:
+            raise ValueError(
+                f"the checkpoint was written by DynamicReallocation(method={state_dict['method']!r}), this run uses "
+                f"method={self.method!r}: resume with the same method"
+            )
+        self._threshold = float(state_dict["threshold"])
+        self.num_updates = int(state_dict["num_updates"])
+        self.num_skipped_nonfinite = int(state_dict["num_skipped_nonfinite"])
+        self.num_skipped_held = int(state_dict["num_skipped_held"])
+        self.num_rank_corrections = int(state_dict["num_rank_corrections"])
+        self.last_update_step = int(state_dict["last_update_step"])
+        self.last_pruned = int(state_dict["last_pruned"])
+        self.last_grown = int(state_dict["last_grown"])
+        self.last_drop_fraction = float(state_dict["last_drop_fraction"])
+        self._generator.set_state(state_dict["generator_state"])
+        if state_dict.get("ever_active") is not None:
+            self._checkpoint_ever_active = dict(state_dict["ever_active"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks into the workers; a torch.Generator's own pickle goes through a shared
+        # storage that torch.multiprocessing fails to rebuild, so it travels as plain bytes.
+        state = self.__dict__.copy()
+        state["_generator"] = bytes(self._generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update({**state, "_generator": generator})
+
+    # ------------------------------------------------------------------------------------------- the update
+    def _masks(self) -> SparseMasks:
+        if self._owner is None:
+            raise RuntimeError("DynamicReallocation is set up by Trainer.fit; it has not been set up yet")
+        return self._owner.masks
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Topology updater, called by MaskInit once per optimizer step with dense gradients, before masking."""
+        step = trainer.global_step
+        if step >= self._stop_step:
+            return
+        if not should_update(step, self.schedule, min(step / self._total_steps, 1.0)):
+            return
+        masks = self._masks()
+        if masks.budget_holder is not None:
+            self.num_skipped_held += 1
+            return
+        if not masks.grads_are_finite():
+            self.num_skipped_nonfinite += 1
+            return
+
+        expected_nnz = masks.nnz()
+        if self.method == "dsr":
+            new_masks, pruned, grown = self._dsr(masks, expected_nnz)
+        elif self.method == "set":
+            new_masks, pruned, grown = self._per_tensor(masks, step, use_gradient=False)
+        else:
+            new_masks, pruned, grown = self._per_tensor(masks, step, use_gradient=True)
+        if new_masks:
+            masks.update_(new_masks, expected_nnz=expected_nnz)
+        version = masks.version
+        masks.broadcast_(src=0)
+        if masks.version != version:
+            self.num_rank_corrections += 1
+            warnings.warn(
+                f"DynamicReallocation: this rank's masks differed from rank 0's after the update at step {step} and "
+                "were replaced by rank 0's; ranks should agree by construction (same seed, same weights)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for name, mask in masks.items():
+            self._ever_active[name] |= mask
+        self._itop_rate = self._count_ever_active() / masks.numel()
+        self.num_updates += 1
+        self.last_update_step = step
+        self.last_pruned = pruned
+        self.last_grown = grown
+
+    def _dsr(self, masks: SparseMasks, active: int) -> tuple[dict[str, Tensor], int, int]:
+        names = list(masks)
+        params = masks.parameters
+        target = self.prune_target if isinstance(self.prune_target, int) else round(self.prune_target * active)
+        result = dsr_reallocate(
+            [params[name].detach() for name in names],
+            [masks[name] for name in names],
+            threshold=self._threshold,
+            target_pruned=target,
+            tolerance=self.tolerance,
+            generator=self._generator,
+        )
+        self._threshold = result.threshold
+        if result.num_pruned == 0:
+            return {}, 0, 0
+        return dict(zip(names, result.masks)), result.num_pruned, result.num_grown
+
+    def _per_tensor(self, masks: SparseMasks, step: int, use_gradient: bool) -> tuple[dict[str, Tensor], int, int]:
+        params = masks.parameters
+        if use_gradient:
+            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction)
+        else:
+            fraction = self.drop_fraction
+        self.last_drop_fraction = fraction
+        new_masks: dict[str, Tensor] = {}
+        dropped: list[Tensor] = []
+        grown: list[Tensor] = []
+        for name, nnz in masks.layer_nnz().items():
+            param, mask = params[name], masks[name]
+            if nnz == 0:
+                continue
+            if use_gradient:
+                if param.grad is None:
+                    continue  # unused in this step: nothing to rank growth by (see the class docstring)
+                update = rigl_update(param.detach(), param.grad, mask, fraction)
+            else:
+                # Regrowth excludes the just-dropped positions, so a nearly dense tensor replaces fewer.
+                count = min(math.floor(fraction * nnz + _FLOOR_EPSILON), mask.numel() - nnz)
+                update = set_update(param.detach(), mask, count / nnz, self._generator)
+            new_masks[name] = update.mask
+            dropped.append(update.dropped.sum())
+            grown.append(update.grown.sum())
+        if not new_masks:
+            return {}, 0, 0
+        counts = torch.stack([torch.stack(dropped).sum(), torch.stack(grown).sum()]).tolist()
+        return new_masks, int(counts[0]), int(counts[1])
+
+    def _count_ever_active(self) -> int:
+        assert self._ever_active is not None
+        return int(torch.stack([mask.sum() for mask in self._ever_active.values()]).sum())
+
+
+def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
+    if isinstance(every_n_steps, PeriodSchedule):
+        return every_n_steps
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+        raise TypeError(
+            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {type(every_n_steps).__name__}"
+        )
+    if every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be >= 1 optimizer step, got {every_n_steps}")
+    return ConstantPeriod(every_n_steps)
+
+
+def _check_stop_at(stop_at: float) -> float:
+    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)):
+        raise TypeError(f"stop_at must be a float in (0, 1], got {type(stop_at).__name__}")
+    if not 0.0 < stop_at <= 1.0:
+        raise ValueError(
+            f"stop_at is the fraction of training after which the masks are fixed and must be in (0, 1], got {stop_at}"
+        )
+    return float(stop_at)
+
+
+def _check_prune_target(prune_target: int | float) -> int | float:
+    if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
+        raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
+    if isinstance(prune_target, int):
+        if prune_target < 1:
+            raise ValueError(f"prune_target as a count must be >= 1, got {prune_target}")
+    elif not 0.0 < prune_target < 1.0:
+        raise ValueError(
+            f"prune_target as a float is a fraction of the active weights and must be in (0, 1), got {prune_target}; "
+            "pass an int for a count"
+        )
+    return prune_target
