@@ -144,3 +144,12 @@ def test_short_run_at_999_sparsity_has_no_nan_and_ends_at_the_budget(tmp_path) -
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(torch.as_tensor(float(trainer.callback_metrics["train_loss"])))
     assert all(isinstance(m, DyReLU) and m.beta == 0.0 for m in dyrelu_modules(model).values())
+
+
+@needs_reallocation
+def test_reallocation_stands_aside_during_the_cycles_and_runs_after(tmp_path) -> None:
+    callbacks = east_callbacks(sparsity=0.99, with_reallocation=True)
+    _run(callbacks, tmp_path)
+    realloc = callbacks[-1]
+    # Cycles cover steps 0-7 (budget restored at step 8); reallocation is due at steps 3, 6, 9, 12 and 15.
+    assert realloc.num_skipped_held == 2 and realloc.num_updates == 3 and realloc.last_update_step == 15
