@@ -16,6 +16,7 @@ from lightning_sparse.callbacks.mask_init import MaskInit
 from lightning_sparse.callbacks.weight_sharing import WeightSharing
 from lightning_sparse.models import cifar_resnet34, cifar_resnet50
 from lightning_sparse.nn import SharedConv2d
+from tests.callbacks.test_east_stack import TinyResNet
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -37,7 +38,7 @@ def _fit_one_step(callbacks: list[Any], model: L.LightningModule, tmp_path: Any,
         callbacks=callbacks,
         **trainer_kwargs(tmp_path, max_steps=1, limit_val_batches=0, log_every_n_steps=1, **overrides),
     )
-    trainer.fit(model, random_loader(n=2, batch_size=2, size=32))
+    trainer.fit(model, random_loader(n=4, batch_size=4, size=16))
     return trainer
 
 
@@ -67,7 +68,7 @@ def test_budget_rule_holds_with_mask_init(name) -> None:
 
 def test_real_and_effective_density_are_logged(tmp_path) -> None:
     sharing, mask_init = WeightSharing(), MaskInit(sparsity=0.999, distribution="erk", seed=0)
-    model = Classifier(cifar_resnet34(num_classes=10), optimizer="sgd")
+    model = Classifier(TinyResNet(), optimizer="sgd")
     trainer = _fit_one_step([mask_init, sharing], model, tmp_path)
     masks = mask_init.masks
     logged = trainer.logged_metrics
@@ -93,7 +94,7 @@ def test_callbacks_order_does_not_change_the_masks_or_the_scales(tmp_path) -> No
     results = []
     for order in ("sharing_first", "mask_first"):
         torch.manual_seed(0)
-        model = Classifier(cifar_resnet34(num_classes=10), optimizer="sgd")
+        model = Classifier(TinyResNet(), optimizer="sgd")
         sharing, mask_init = WeightSharing(), MaskInit(sparsity=0.99, seed=1)
         callbacks = [sharing, mask_init] if order == "sharing_first" else [mask_init, sharing]
         _fit_one_step(callbacks, model, tmp_path)
@@ -110,7 +111,7 @@ def test_scales_are_uniform_draws_or_the_given_value_and_are_trained(tmp_path) -
     scales = torch.stack([m.scale.detach() for m in model.modules() if isinstance(m, SharedConv2d)])
     assert ((scales > 0) & (scales < 1)).all() and scales.unique().numel() == scales.numel()
 
-    model = Classifier(cifar_resnet34(num_classes=10), optimizer="sgd")
+    model = Classifier(TinyResNet(), optimizer="sgd")
     trainer = _fit_one_step([WeightSharing(scale_init=1.0)], model, tmp_path)
     shared = [m for m in model.modules() if isinstance(m, SharedConv2d)]
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
@@ -130,7 +131,7 @@ def test_transform_leaves_the_global_generator_alone() -> None:
 
 def test_second_fit_does_not_share_again(tmp_path) -> None:
     sharing = WeightSharing()
-    model = Classifier(cifar_resnet34(num_classes=10), optimizer="sgd")
+    model = Classifier(TinyResNet(), optimizer="sgd")
     _fit_one_step([sharing], model, tmp_path)
     shared_before = [id(m) for m in model.modules() if isinstance(m, SharedConv2d)]
     parameters_before = sum(p.numel() for p in model.parameters())
