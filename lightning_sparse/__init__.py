@@ -2,7 +2,8 @@
 
 The public names, re-exported from their subpackages:
 
-* callbacks: :class:`MaskInit`;
+* callbacks: :class:`MaskInit`, :class:`DynamicReallocation`, :class:`CyclicSparsitySchedule`,
+  :class:`DyReLUPhaseOut`, :class:`WeightSharing`;
 * the mask registry: :class:`SparseMasks`, :func:`find_mask_owner`;
 * building blocks (no Lightning import): :class:`DyReLU`, :func:`share_stage_weights` and friends in
   :mod:`lightning_sparse.nn`; pure tensor functions in :mod:`lightning_sparse.functional`;
@@ -10,7 +11,13 @@ The public names, re-exported from their subpackages:
 * export: :func:`save_sparse`, :func:`load_sparse`.
 """
 
-from lightning_sparse.callbacks import MaskInit
+from lightning_sparse.callbacks import (
+    CyclicSparsitySchedule,
+    DynamicReallocation,
+    DyReLUPhaseOut,
+    MaskInit,
+    WeightSharing,
+)
 from lightning_sparse.export import load_sparse, save_sparse
 from lightning_sparse.masks import SparseMasks, find_mask_owner
 from lightning_sparse.nn import DyReLU, SharedConv2d, share_stage_weights
@@ -18,6 +25,10 @@ from lightning_sparse.nn import DyReLU, SharedConv2d, share_stage_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "CyclicSparsitySchedule",
+    "DyReLUPhaseOut",
+    "DynamicReallocation",
+    "WeightSharing",
     "DyReLU",
     "MaskInit",
     "SharedConv2d",

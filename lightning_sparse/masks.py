@@ -343,7 +343,17 @@ class MaskOwner(abc.ABC):
     The owner masks the gradients on every optimizer step. Callbacks that change the topology register an
     updater, and the owner calls the updaters *before* masking the gradients, whatever the order of the callbacks
     list, so that gradient-based growth reads the dense gradient (ARCHITECTURE.md §4).
+
+    An owner also says how it shares a budget among tensors, so that a density schedule can re-distribute a new
+    total the same way (EAST's cyclic sparsity, ALGORITHMS.md §3e).
     """
+
+    distribution: str = "erk"
+    """Per-tensor distribution of the budget: ``"erk"``, ``"er"`` or ``"uniform"``."""
+    power_scale: float = 1.0
+    """Exponent of the ER/ERK scores."""
+    layer_sparsity: dict[str, float] = {}
+    """Glob pattern -> fixed sparsity of the matching tensors."""
 
     @property
     @abc.abstractmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
@@ -277,10 +276,10 @@ class CyclicSparsitySchedule(Callback):
         """Topology updater, called by MaskInit once per optimizer step with dense gradients, before masking."""
         masks = self._masks()
         if self._finished:
-            _release_budget(masks, type(self).__name__)
+            masks.release_budget(type(self).__name__)
             return
         # Re-asserted at every step from this callback's own state, so the hold needs no checkpointing.
-        _hold_budget(masks, type(self).__name__)
+        masks.hold_budget(type(self).__name__)
         step = trainer.global_step
         in_cycles = step < sum(self._lengths)
         if in_cycles and (step == 0 or step % self.every_n_steps != 0):
@@ -308,7 +307,7 @@ class CyclicSparsitySchedule(Callback):
         self.last_realised_nnz = masks.nnz()
         if not in_cycles:
             self._finished = True
-            _release_budget(masks, type(self).__name__)
+            masks.release_budget(type(self).__name__)
 
     def _masks_for(self, masks: SparseMasks, target: int) -> dict[str, Tensor] | None:
         """Each tensor brought to its share of ``target`` (``None`` if a tensor to grow has no gradient)."""
@@ -342,36 +341,13 @@ class CyclicSparsitySchedule(Callback):
         densities = layer_densities(
             shapes, 1.0 - target / self._numel, distribution, power_scale=power_scale, fixed_densities=fixed
         )
-        return _exact_counts(shapes, densities, target)
+        return active_counts(shapes, densities, total=target)
 
 
 def _distribution_settings(owner: Any) -> dict[str, Any]:
     """MaskInit's distribution, power scale and per-layer sparsities (its public attributes)."""
     return {
-        "distribution": getattr(owner, "distribution", "erk"),
-        "power_scale": getattr(owner, "power_scale", 1.0),
-        "layer_sparsity": dict(getattr(owner, "layer_sparsity", None) or {}),
+        "distribution": owner.distribution,
+        "power_scale": owner.power_scale,
+        "layer_sparsity": dict(owner.layer_sparsity),
     }
-
-
-def _exact_counts(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float], total: int) -> dict[str, int]:
-    """``active_counts`` with the same sum even when its one-weight floor per tensor overshoots ``total``."""
-    counts = active_counts(shapes, densities, total=total)
-    excess = sum(counts.values()) - total
-    # The floor can add up to one weight per tiny tensor at extreme sparsity; take it back from the largest counts.
-    for name in sorted(counts, key=lambda n: -counts[n])[: max(excess, 0)]:
-        counts[name] -= 1
-    return counts
-
-
-def _hold_budget(masks: SparseMasks, holder: str) -> None:
-    # SparseMasks.hold_budget comes with DynamicReallocation; without it there is nobody to stand aside.
-    hold = getattr(masks, "hold_budget", None)
-    if hold is not None:
-        hold(holder)
-
-
-def _release_budget(masks: SparseMasks, holder: str) -> None:
-    release = getattr(masks, "release_budget", None)
-    if release is not None:
-        release(holder)

@@ -147,8 +147,8 @@ def active_counts(
     Each tensor first gets ``floor(density * numel)``; the remaining weights go one each to the tensors with
     the largest fractional parts (largest-remainder rounding), so every tensor is within one weight of
     ``density * numel`` and the sum is exact. Tensors are never emptied: each keeps at least ``min_active``
-    weights (a layer with no weight cuts the network; this can cost up to ``min_active`` weights per tensor
-    above ``total`` at extreme sparsity).
+    weights (a layer with no weight cuts the network); what that floor adds is taken back from the largest
+    counts, so the sum stays ``total`` unless ``total`` is smaller than ``min_active`` per tensor.
 
     Args:
         shapes: tensor name -> shape.
@@ -181,4 +181,13 @@ def active_counts(
         counts[name] += 1
     for name in shapes:
         counts[name] = max(counts[name], min(min_active, sizes[name]))
+    # The floor can add up to ``min_active`` weights per tiny tensor at extreme sparsity: take them back from
+    # the largest counts, so the sum stays exactly ``total`` whenever that is possible.
+    excess = sum(counts.values()) - total
+    for name in sorted(counts, key=lambda n: (-counts[n], order[n])):
+        if excess <= 0:
+            break
+        take = min(excess, counts[name] - min(min_active, sizes[name]))
+        counts[name] -= take
+        excess -= take
     return counts

@@ -148,10 +148,6 @@ def test_updates_only_every_n_steps_inside_the_cycles() -> None:
     assert masks.nnz() == 4 and cyclic.num_updates == 1
 
 
-@pytest.mark.skipif(
-    not hasattr(SparseMasks, "hold_budget"),
-    reason="SparseMasks.hold_budget comes with DynamicReallocation (branch 'dynamic')",
-)
 def test_holds_the_mask_budget_during_the_cycles_and_releases_it_after() -> None:
     cyclic, trainer, layer, masks = _one_layer_setup()
     _step(cyclic, trainer, layer, 1, [1.0] * 8)

@@ -6,7 +6,6 @@ include DynamicReallocation are skipped while it is not in this checkout.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import lightning as L
@@ -23,10 +22,6 @@ from lightning_sparse.models.resnet import BasicBlock
 from lightning_sparse.nn import DyReLU, SharedConv2d, dyrelu_modules
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
-HAS_REALLOCATION = importlib.util.find_spec("lightning_sparse.callbacks.dynamic_reallocation") is not None
-needs_reallocation = pytest.mark.skipif(
-    not HAS_REALLOCATION, reason="needs DynamicReallocation (branch 'dynamic') merged into this checkout"
-)
 
 
 class TinyResNet(nn.Module):
@@ -102,7 +97,7 @@ def _same_run(a: tuple[L.Trainer, Classifier], b: tuple[L.Trainer, Classifier]) 
         assert torch.equal(state_a[name], state_b[name]), name
 
 
-@pytest.mark.parametrize("with_reallocation", [False, pytest.param(True, marks=needs_reallocation)])
+@pytest.mark.parametrize("with_reallocation", [False, True])
 def test_callbacks_order_does_not_change_the_result(tmp_path, with_reallocation) -> None:
     forward = east_callbacks(with_reallocation=with_reallocation)
     backward = east_callbacks(with_reallocation=with_reallocation)[::-1]
@@ -113,7 +108,7 @@ def test_callbacks_order_does_not_change_the_result(tmp_path, with_reallocation)
     assert dyrelu_modules(model) and all(m.beta == 0.0 for m in dyrelu_modules(model).values())
 
 
-@pytest.mark.parametrize("with_reallocation", [False, pytest.param(True, marks=needs_reallocation)])
+@pytest.mark.parametrize("with_reallocation", [False, True])
 def test_resume_mid_cycle_and_mid_phase_out_continues_exactly(tmp_path, with_reallocation) -> None:
     # 16 steps: two cycles of 6 steps (0-5, 6-11) with updates every 2 steps, phase-out from step 4 to step 12.
     def callbacks(directory: str) -> list[Callback]:
@@ -135,7 +130,7 @@ def test_resume_mid_cycle_and_mid_phase_out_continues_exactly(tmp_path, with_rea
 
 def test_short_run_at_999_sparsity_has_no_nan_and_ends_at_the_budget(tmp_path) -> None:
     probe = CountProbe()
-    callbacks = [*east_callbacks(sparsity=0.999, with_reallocation=HAS_REALLOCATION), probe]
+    callbacks = [*east_callbacks(sparsity=0.999, with_reallocation=True), probe]
     trainer, model = _run(callbacks, tmp_path)
     cyclic = next(c for c in callbacks if isinstance(c, CyclicSparsitySchedule))
     masks = _mask_init(trainer).masks
@@ -146,7 +141,6 @@ def test_short_run_at_999_sparsity_has_no_nan_and_ends_at_the_budget(tmp_path) -
     assert all(isinstance(m, DyReLU) and m.beta == 0.0 for m in dyrelu_modules(model).values())
 
 
-@needs_reallocation
 def test_reallocation_stands_aside_during_the_cycles_and_runs_after(tmp_path) -> None:
     callbacks = east_callbacks(sparsity=0.99, with_reallocation=True)
     _run(callbacks, tmp_path)

@@ -15,7 +15,7 @@ from lightning_sparse.callbacks.cyclic_sparsity import CyclicSparsitySchedule
 from lightning_sparse.callbacks.dyrelu_phase_out import DyReLUPhaseOut
 from lightning_sparse.callbacks.mask_init import MaskInit
 from lightning_sparse.nn import dyrelu_modules
-from tests.callbacks.test_east_stack import HAS_REALLOCATION, TinyResNet, east_callbacks
+from tests.callbacks.test_east_stack import TinyResNet, east_callbacks
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
 
@@ -50,7 +50,7 @@ class RankRecorder(Callback):
 def test_east_stack_under_ddp_has_identical_masks_and_survives_the_phase_out(tmp_path) -> None:
     directory = tmp_path / "ranks"
     directory.mkdir()
-    callbacks = [*east_callbacks(with_reallocation=HAS_REALLOCATION), RankRecorder(str(directory))]
+    callbacks = [*east_callbacks(with_reallocation=True), RankRecorder(str(directory))]
     # 64 samples, batch 8, 2 ranks -> 4 steps per epoch; 4 epochs = 16 steps: phase-out ends at step 12 and the
     # last 4 steps run with the hyper-networks out of the forward pass; DDP keeps find_unused_parameters=False.
     trainer = L.Trainer(
