@@ -102,12 +102,12 @@ class SparseMasks(Mapping[str, Tensor]):
     def nnz(self, name: str | None = None) -> int:
         """Number of active weights in one tensor, or in all sparse tensors."""
         if name is not None:
-            return int(self._masks[name].sum())
+            return int(torch.count_nonzero(self._masks[name]))
         return int(sum(counts for counts in self.layer_nnz().values()))
 
     def layer_nnz(self) -> dict[str, int]:
         """Active weights per tensor (one device sync for all tensors)."""
-        counts = torch.stack([mask.sum().cpu() for mask in self._masks.values()]).tolist()
+        counts = torch.stack([torch.count_nonzero(mask).cpu() for mask in self._masks.values()]).tolist()
         return dict(zip(self._masks, (int(c) for c in counts)))
 
     def numel(self, name: str | None = None) -> int:

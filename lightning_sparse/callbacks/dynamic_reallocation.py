@@ -412,7 +412,7 @@ class DynamicReallocation(Callback):
 
     def _count_ever_active(self) -> int:
         assert self._ever_active is not None
-        return int(torch.stack([mask.sum() for mask in self._ever_active.values()]).sum())
+        return int(torch.stack([torch.count_nonzero(mask) for mask in self._ever_active.values()]).sum())
 
 
 def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:

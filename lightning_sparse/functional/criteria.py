@@ -127,7 +127,7 @@ def magnitude_drop(weight: Tensor, mask: Tensor, count: int) -> Tensor:
     _check_mask(mask)
     _check_same_shape(weight, mask, "weight")
     _check_count(count)
-    num_active = int(mask.sum())
+    num_active = int(torch.count_nonzero(mask))
     if count > num_active:
         raise ValueError(f"Cannot drop {count} weights from a layer with only {num_active} active weights.")
     if count == 0:
@@ -165,7 +165,7 @@ def gradient_grow(grad: Tensor, mask: Tensor, count: int, excluded: Tensor | Non
     _check_same_shape(grad, mask, "grad")
     _check_count(count)
     candidates = _candidates(mask, excluded)
-    num_candidates = int(candidates.sum())
+    num_candidates = int(torch.count_nonzero(candidates))
     if count > num_candidates:
         raise ValueError(
             f"Cannot grow {count} weights: the layer has only {num_candidates} inactive, non-excluded positions."
@@ -177,7 +177,11 @@ def gradient_grow(grad: Tensor, mask: Tensor, count: int, excluded: Tensor | Non
 
 
 def random_grow(
-    mask: Tensor, count: int, generator: torch.Generator | None = None, excluded: Tensor | None = None
+    mask: Tensor,
+    count: int,
+    generator: torch.Generator | None = None,
+    excluded: Tensor | None = None,
+    num_candidates: int | None = None,
 ) -> Tensor:
     """Activate ``count`` positions drawn uniformly at random among inactive, non-excluded positions.
 
@@ -192,6 +196,8 @@ def random_grow(
         count: Number of positions to activate.
         generator: Source of randomness; pass a seeded ``torch.Generator`` for reproducible results.
         excluded: Optional boolean mask of inactive positions that must not be grown (e.g. just-pruned ones).
+        num_candidates: the number of inactive, non-excluded positions, when the caller already knows it (DSR
+            does, from its prune); saves a full pass over the mask. Must be exact.
 
     Returns:
         The new mask (a new tensor) with exactly ``count`` more active positions.
@@ -210,7 +216,8 @@ def random_grow(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
     candidates = _candidates(mask, excluded)
-    num_candidates = int(candidates.sum())
+    if num_candidates is None:
+        num_candidates = int(torch.count_nonzero(candidates))
     if count > num_candidates:
         raise ValueError(
             f"Cannot grow {count} weights: the layer has only {num_candidates} inactive, non-excluded positions."
@@ -239,25 +246,21 @@ def _draw_distinct_candidates(
 ) -> Tensor:
     """Flat indices of ``count`` distinct candidate positions, a uniformly random subset.
 
-    Draws positions i.i.d. uniformly over the whole tensor, keeps those that are candidates (so the kept draws are
-    i.i.d. uniform over the candidates) and takes the first ``count`` distinct values in order of first
-    occurrence: this is sequential sampling without replacement, so every subset of size ``count`` is equally
-    likely. Deterministic given the generator's state.
+    Draws positions i.i.d. uniformly over the whole tensor and keeps those that are candidates, so the kept draws
+    are i.i.d. uniform over the candidates. By symmetry, the set of distinct kept values is a uniformly random
+    subset of the candidates given its size, and a uniformly random ``count``-subset of it (one small ``randperm``)
+    is therefore a uniformly random ``count``-subset of the candidates. Deterministic given the generator's state.
     """
     numel = candidates.numel()
-    accepted = torch.empty(0, dtype=torch.int64, device=candidates.device)
     distinct = torch.empty(0, dtype=torch.int64, device=candidates.device)
     while distinct.numel() < count:
         missing = count - distinct.numel()
         # Enough draws for the expected rejections and repeats, plus a margin; rarely more than one round.
         num_draws = int(missing * numel / num_candidates * 1.3) + 64
         draws = torch.randint(0, numel, (num_draws,), generator=generator, device=draw_device).to(candidates.device)
-        accepted = torch.cat([accepted, draws[candidates[draws]]])
-        values, inverse = torch.unique(accepted, return_inverse=True)
-        order = torch.arange(accepted.numel(), device=accepted.device)
-        first = torch.full_like(values, accepted.numel()).scatter_reduce_(0, inverse, order, reduce="amin")
-        distinct = values[torch.argsort(first)]
-    return distinct[:count]
+        distinct = torch.unique(torch.cat([distinct, draws[candidates[draws]]]))
+    keep = torch.randperm(distinct.numel(), generator=generator, device=draw_device)[:count]
+    return distinct[keep.to(distinct.device)]
 
 
 def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3) -> float:
@@ -295,7 +298,7 @@ def _update_count(mask: Tensor, drop_fraction: float) -> int:
     """k = floor(drop_fraction * nnz) for one layer."""
     if not 0.0 <= drop_fraction <= 1.0:
         raise ValueError(f"`drop_fraction` must be in [0, 1], got {drop_fraction}.")
-    return math.floor(drop_fraction * int(mask.sum()) + _FLOOR_EPSILON)
+    return math.floor(drop_fraction * int(torch.count_nonzero(mask)) + _FLOOR_EPSILON)
 
 
 def _net_update(old_mask: Tensor, new_mask: Tensor) -> MaskUpdate:

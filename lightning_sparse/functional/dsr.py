@@ -90,7 +90,7 @@ def dsr_prune(
         magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
         pruned = mask & (magnitude < threshold)
         pruned_masks.append(pruned)
-        survivor_counts.append((mask.sum() - pruned.sum()).cpu())
+        survivor_counts.append((torch.count_nonzero(mask) - torch.count_nonzero(pruned)).cpu())
     # One host sync for all layers; the (rare) layers that would be emptied are then rescued one by one.
     for index in torch.nonzero(torch.stack(survivor_counts) == 0).flatten().tolist():
         mask, pruned = masks[index], pruned_masks[index]
@@ -246,6 +246,7 @@ def grow_random(
     excluded: Sequence[Tensor] | None,
     counts: Tensor,
     generator: torch.Generator | None = None,
+    free_slots: Tensor | None = None,
 ) -> list[Tensor]:
     """Activate exactly ``counts[l]`` uniformly random inactive, non-excluded positions in each layer l.
 
@@ -258,6 +259,8 @@ def grow_random(
             this step), or None.
         counts: Integer tensor [L] of positions to activate per layer.
         generator: Source of randomness; a seeded generator makes the result reproducible.
+        free_slots: Integer tensor [L] of each layer's inactive, non-excluded positions, when already known
+            (as in :func:`dsr_reallocate`); saves a pass over every mask. Must be exact.
 
     Returns:
         The new masks (new tensors).
@@ -277,11 +280,14 @@ def grow_random(
     _check_counts(counts, "counts")
     if counts.numel() != len(masks):
         raise ValueError(f"`counts` has {counts.numel()} entries but there are {len(masks)} masks.")
+    known_free = [None] * len(masks) if free_slots is None else free_slots.tolist()
     new_masks = []
     for index, (mask, count) in enumerate(zip(masks, counts.tolist())):
         layer_excluded = None if excluded is None else excluded[index]
         try:
-            new_masks.append(random_grow(mask, count, generator, excluded=layer_excluded))
+            new_masks.append(
+                random_grow(mask, count, generator, excluded=layer_excluded, num_candidates=known_free[index])
+            )
         except ValueError as error:
             raise ValueError(f"Layer {index}: {error}") from error
     return new_masks
@@ -343,12 +349,12 @@ def dsr_reallocate(
         (1, 1, 2)
     """
     kept, pruned = dsr_prune(weights, masks, threshold)
-    survivors = torch.stack([mask.sum() for mask in kept]).to("cpu", torch.int64)
-    pruned_counts = torch.stack([mask.sum() for mask in pruned]).to("cpu", torch.int64)
+    survivors = torch.stack([torch.count_nonzero(mask) for mask in kept]).to("cpu", torch.int64)
+    pruned_counts = torch.stack([torch.count_nonzero(mask) for mask in pruned]).to("cpu", torch.int64)
     free_slots = torch.tensor([mask.numel() for mask in kept], dtype=torch.int64) - survivors - pruned_counts
     num_pruned = int(pruned_counts.sum())
     counts = allocate_growth(num_pruned, survivors, free_slots, generator)
-    new_masks = grow_random(kept, pruned, counts, generator)
+    new_masks = grow_random(kept, pruned, counts, generator, free_slots=free_slots)
     grown = [new & ~old for new, old in zip(new_masks, kept)]
     num_grown = int(counts.sum())
     # grow_random activates exactly counts[l] new positions per layer, so the total is unchanged by construction.
