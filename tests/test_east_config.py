@@ -50,11 +50,11 @@ def test_config_parses_with_the_protocol_of_section_3f(capsys) -> None:
 
 def test_config_builds_the_model_and_every_callback() -> None:
     from lightning.pytorch.cli import LightningCLI
+    from lightning_sparse.classification import ImageClassifier
 
     from lightning_sparse.callbacks.cyclic_sparsity import CyclicSparsitySchedule
     from lightning_sparse.callbacks.dyrelu_phase_out import DyReLUPhaseOut
     from lightning_sparse.callbacks.weight_sharing import WeightSharing
-    from lightning_sparse.classification import ImageClassifier
 
     cli = LightningCLI(
         ImageClassifier,

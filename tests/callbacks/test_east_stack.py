@@ -23,7 +23,6 @@ from lightning_sparse.nn import DyReLU, SharedConv2d, dyrelu_modules
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
 
-
 class TinyResNet(nn.Module):
     """A CIFAR-style ResNet with two narrow stages of three BasicBlocks (weight sharing applies), for 16x16 input."""
 
