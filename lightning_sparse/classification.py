@@ -30,7 +30,7 @@ class ImageClassifier(pl.LightningModule):
     """Cross-entropy image classification around any network, with paper-style optimizers and schedules.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (torchmetrics
-    multiclass top-1 accuracy, accumulated over the epoch). The learning rate changes every optimizer step: a
+    top-1 accuracy, the fraction of correct predictions, accumulated over the epoch). The learning rate changes every optimizer step: a
     milestone at fraction ``f`` takes effect at step ``round(f x trainer.estimated_stepping_batches)``, which is
     the start of epoch ``f x max_epochs`` when the epochs have equal lengths (so ``milestones=[0.3, 0.6, 0.8]``
     over 200 epochs is DSR's ``x0.2`` at epochs 60/120/160) and also works for runs bounded by ``max_steps``.
@@ -107,9 +107,10 @@ class ImageClassifier(pl.LightningModule):
                 raise ValueError(f"input_shape must list positive sizes like [3, 32, 32], got {input_shape}")
             self.example_input_array = torch.zeros(1, *(int(size) for size in input_shape))
         self.loss = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # average="micro": the fraction of correct predictions, as the papers report (torchmetrics' default is macro).
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the network."""
