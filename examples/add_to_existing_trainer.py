@@ -60,7 +60,7 @@ class SmallCNN(L.LightningModule):
 def main(argv: list[str] | None = None) -> float:
     """Train the small CNN at 90% sparsity and return the last validation accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="run 3 training steps only (a smoke test)")
+    parser.add_argument("--tiny", action="store_true", help="one epoch of 3 training batches (a smoke test)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--root_dir", default=".", help="where lightning_logs/ and the export are written")
     args = parser.parse_args(argv)
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> float:
     # -------------------------------------------------------------------------------------------------------
 
     trainer = L.Trainer(
-        max_epochs=args.epochs,
-        max_steps=3 if args.tiny else -1,
+        max_epochs=1 if args.tiny else args.epochs,
+        limit_train_batches=3 if args.tiny else None,
         limit_val_batches=1 if args.tiny else None,
         callbacks=[mask_init, dsr],
         default_root_dir=args.root_dir,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI
@@ -38,6 +39,21 @@ class SparseCLI(LightningCLI):
     The optimizer and schedule are :class:`ImageClassifier` arguments (``model.optimizer``, ``model.lr``, ...),
     so LightningCLI's generic ``--optimizer`` / ``--lr_scheduler`` options are not added.
     """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        """Build (and with ``run=True`` run) the CLI; ``kwargs`` go to ``LightningCLI``.
+
+        Args:
+            args: the command line without the program name; ``None`` reads ``sys.argv``.
+            run: ``True``: the arguments start with a subcommand, which runs. ``False``: only parse the config
+                (no subcommand) and build the model, datamodule and Trainer as ``cli.model``, ``cli.datamodule``,
+                ``cli.trainer``.
+        """
+        kwargs.setdefault("model_class", ImageClassifier)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        super().__init__(args=args, run=run, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -124,13 +140,7 @@ def main(args: list[str] | None = None) -> None:
     if command_line and command_line[0] == "export":
         _run_export(command_line[1:])
         return
-    SparseCLI(
-        ImageClassifier,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": _DESCRIPTION},
-        args=None if args is None else command_line,  # None: LightningCLI reads sys.argv itself
-    )
+    SparseCLI(args=None if args is None else command_line)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
