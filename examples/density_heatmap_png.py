@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_png(image, str(output))
-    print(f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns), "
-          f"max density {float(history.densities().max()):.4f}")
+    print(
+        f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns), "
+        f"max density {float(history.densities().max()):.4f}"
+    )
     return output
 
 

@@ -8,6 +8,7 @@ reproduces: SGD with momentum, Nesterov and weight decay plus a multi-step sched
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -216,7 +217,7 @@ def _check_settings(
                 f"milestones are fractions of the run in (0, 1), e.g. [0.3, 0.6, 0.8] for epochs 60/120/160 of 200; "
                 f"got {milestones}"
             )
-        if any(later <= earlier for earlier, later in zip(values, values[1:])):
+        if any(later <= earlier for earlier, later in itertools.pairwise(values)):
             raise ValueError(f"milestones must be strictly increasing, got {milestones}")
     if gamma is not None and not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")

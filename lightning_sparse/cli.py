@@ -3,8 +3,8 @@
 .. code-block:: bash
 
     lightning-sparse fit --config examples/configs/quickstart.yaml
-    lightning-sparse test --config examples/configs/quickstart.yaml --ckpt_path checkpoints/quickstart/last.ckpt
-    lightning-sparse export --ckpt_path checkpoints/quickstart/last.ckpt --output quickstart.sparse.pt
+    lightning-sparse test --config examples/configs/quickstart.yaml --ckpt_path checkpoints/quickstart/quickstart.ckpt
+    lightning-sparse export --ckpt_path checkpoints/quickstart/quickstart.ckpt --output quickstart.sparse.pt
     lightning-sparse fit --config examples/configs/quickstart.yaml --print_config   # the full resolved config
 
 The model is always an :class:`~lightning_sparse.classification.ImageClassifier` (its network a ``class_path``);

@@ -57,8 +57,9 @@ def test_optimizers_get_the_configured_settings():
     assert isinstance(sgd, torch.optim.SGD)
     group = sgd.param_groups[0]
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.1, 0.9, True, 5e-4)
-    adamw = ImageClassifier(TinyCNN(), num_classes=10, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-                            lr_schedule="none").configure_optimizers()
+    adamw = ImageClassifier(
+        TinyCNN(), num_classes=10, optimizer="adamw", lr=1e-3, weight_decay=0.05, lr_schedule="none"
+    ).configure_optimizers()
     assert isinstance(adamw, torch.optim.AdamW)
     assert (adamw.param_groups[0]["lr"], adamw.param_groups[0]["weight_decay"]) == (1e-3, 0.05)
 

@@ -23,7 +23,12 @@ from lightning_sparse.models import WideResNet
 from lightning_sparse.selection import select_sparse_parameters
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-CONFIG_NAMES = ["quickstart.yaml", "cifar10_wrn28x2_dsr.yaml", "cifar100_resnet50_dsr.yaml", "imagenet_resnet50_dsr.yaml"]
+CONFIG_NAMES = [
+    "quickstart.yaml",
+    "cifar10_wrn28x2_dsr.yaml",
+    "cifar100_resnet50_dsr.yaml",
+    "imagenet_resnet50_dsr.yaml",
+]
 TINY_RUN = [
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=3",
@@ -85,8 +90,17 @@ def test_fit_test_and_export_through_the_cli(tmp_path, monkeypatch, capsys):
     assert DENSITY_HEATMAP_TAG in events.Tags()["images"]
 
     capsys.readouterr()
-    main(["test", "--config", config, "--ckpt_path", str(ckpt), "--trainer.limit_test_batches=1",
-          "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "test",
+            "--config",
+            config,
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.limit_test_batches=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert "test/acc" in capsys.readouterr().out
 
     output = tmp_path / "export" / "quickstart.sparse.pt"
@@ -131,7 +145,9 @@ def test_help_lists_the_subcommands_and_export(capsys):
 def test_console_script_runs_export_help():
     result = subprocess.run(
         [sys.executable, "-c", "from lightning_sparse.cli import main; main()", "export", "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "--ckpt_path" in result.stdout and "--output" in result.stdout
 
@@ -169,7 +185,14 @@ def test_wrn28x2_config_is_the_dsr_paper_protocol_needs_dynamic_branch(tmp_path,
     assert (dsr.initial_threshold, dsr.tolerance, dsr.stop_at) == (0.001, 0.1, 0.95)
     # Period 100 / 200 / 400 / 800 from epochs 0 / 25 / 80 / 140 of 200.
     assert [dsr.schedule.period(epoch / 200) for epoch in (0, 24, 25, 79, 80, 139, 140, 199)] == [
-        100, 100, 200, 200, 400, 400, 800, 800
+        100,
+        100,
+        200,
+        200,
+        400,
+        400,
+        800,
+        800,
     ]
     assert cli.trainer.max_epochs == 200 and cli.datamodule.batch_size == 100
     model = cli.model

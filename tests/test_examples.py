@@ -34,8 +34,9 @@ def test_density_heatmap_png_renders_the_checkpointed_history(tmp_path):
     L.Trainer(
         callbacks=[mask_init, checkpoint], **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
     ).fit(Classifier(), random_loader())
-    output = _load("density_heatmap_png").main(["--ckpt_path", str(tmp_path / "run.ckpt"), "--output",
-                                               str(tmp_path / "images" / "heatmap.png")])
+    output = _load("density_heatmap_png").main(
+        ["--ckpt_path", str(tmp_path / "run.ckpt"), "--output", str(tmp_path / "images" / "heatmap.png")]
+    )
     image = decode_png(read_file(str(output)))
     assert torch.equal(image, density_heatmap(mask_init.density_history.densities()))
 

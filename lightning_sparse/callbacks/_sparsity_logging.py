@@ -80,9 +80,7 @@ def colorize(values: Tensor) -> Tensor:
     return rgb.round().to(torch.uint8).movedim(-1, 0)
 
 
-def density_heatmap(
-    densities: Tensor, cell_height: int = 8, min_width: int = 256, max_cell_width: int = 32
-) -> Tensor:
+def density_heatmap(densities: Tensor, cell_height: int = 8, min_width: int = 256, max_cell_width: int = 32) -> Tensor:
     """Render per-layer densities over time as an image: one row per layer, one column per record.
 
     The colour scale runs from density 0 (dark purple) to the largest density in the picture (yellow), so
@@ -192,8 +190,13 @@ def layer_table(masks: SparseMasks) -> str:
     """A fixed-width table of every sparse tensor: name, shape, active weights, size, density; then the total."""
     counts = masks.layer_nnz()
     rows = [
-        (name, "x".join(str(size) for size in masks[name].shape), f"{counts[name]:,}", f"{masks[name].numel():,}",
-         f"{counts[name] / masks[name].numel():.4f}")
+        (
+            name,
+            "x".join(str(size) for size in masks[name].shape),
+            f"{counts[name]:,}",
+            f"{masks[name].numel():,}",
+            f"{counts[name] / masks[name].numel():.4f}",
+        )
         for name in masks
     ]
     total = sum(counts.values())
@@ -202,8 +205,10 @@ def layer_table(masks: SparseMasks) -> str:
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:
-        return "  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
-                         for column, (cell, width) in enumerate(zip(row, widths)))
+        return "  ".join(
+            cell.ljust(width) if column < 2 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        )
 
     rule = "-" * len(line(header))
     return "\n".join([line(header), rule, *(line(row) for row in rows[:-1]), rule, line(rows[-1])])
@@ -217,5 +222,6 @@ def report_layer_table(trainer: pl.Trainer, masks: SparseMasks) -> None:
     rank_zero_info("Sparse layers at the end of fit:\n" + table)
     for logger in _tensorboard_loggers(trainer):
         # Indented by four spaces: TensorBoard renders text as Markdown, and this keeps the columns aligned.
-        logger.experiment.add_text(LAYER_TABLE_TAG, "\n".join("    " + row for row in table.splitlines()),
-                                   global_step=trainer.global_step)
+        logger.experiment.add_text(
+            LAYER_TABLE_TAG, "\n".join("    " + row for row in table.splitlines()), global_step=trainer.global_step
+        )

@@ -113,9 +113,7 @@ def test_heatmap_image_and_layer_table_reach_tensorboard_and_console(tmp_path, c
 
 def test_without_tensorboard_logger_history_is_kept_and_nothing_fails(tmp_path):
     mask_init = MaskInit(sparsity=0.8, seed=0)
-    trainer = L.Trainer(
-        callbacks=[mask_init], **trainer_kwargs(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path))
-    )
+    trainer = L.Trainer(callbacks=[mask_init], **trainer_kwargs(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path)))
     trainer.fit(Classifier(), random_loader())
     assert mask_init.density_history.epochs == [0, 1]
 
@@ -131,9 +129,9 @@ def test_layer_report_false_records_nothing(tmp_path):
 def test_resumed_run_continues_the_picture(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = MaskInit(sparsity=0.8, seed=0)
-    L.Trainer(
-        callbacks=[first, checkpoint], **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)
-    ).fit(Classifier(), random_loader())
+    L.Trainer(callbacks=[first, checkpoint], **trainer_kwargs(tmp_path, max_epochs=2, enable_checkpointing=True)).fit(
+        Classifier(), random_loader()
+    )
     resumed = MaskInit(sparsity=0.8, seed=0)
     L.Trainer(callbacks=[resumed], **trainer_kwargs(tmp_path, max_epochs=3)).fit(
         Classifier(), random_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
