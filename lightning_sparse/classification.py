@@ -167,8 +167,10 @@ class ImageClassifier(pl.LightningModule):
 def _built_by_cli() -> bool:
     # LightningCLI sets this context while it instantiates the model; save_hyperparameters then stores the
     # config (with the network's class_path) rather than the objects.
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning version without it: the network object is left out of the hparams
+        return False
     return _given_hyperparameters.get() is not None
 
 
