@@ -2,8 +2,8 @@
 
 MaskInit records every sparse tensor's density at each training epoch end and keeps the record in its checkpoint
 state; this script renders it exactly as TensorBoard shows it (``sparsity/density_heatmap``: one row per tensor,
-top to bottom in the model's order; one column per epoch; colour from density 0, dark purple, to the largest
-density in the picture, yellow; the strip on the right is the scale).
+top to bottom in the model's order; one column per epoch; colour by log density from the smallest non-zero
+density in the picture, dark purple, to the largest, yellow; the strip on the right is the scale), drawn larger.
 
     python examples/density_heatmap_png.py --ckpt_path checkpoints/quickstart/quickstart.ckpt \\
         --output examples/images/density_heatmap.png
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torchvision.io import write_png
 
-from lightning_sparse.callbacks._sparsity_logging import DensityHistory, density_heatmap
+from lightning_sparse.callbacks._sparsity_logging import DensityHistory, color_range, density_heatmap
 
 
 def heatmap_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.Tensor, DensityHistory]:
@@ -35,7 +35,7 @@ def heatmap_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.Tensor, Densit
         )
     history = DensityHistory()
     history.load_state_dict(states[0]["density_history"])
-    return density_heatmap(history.densities()), history
+    return density_heatmap(history.densities(), cell_height=12, min_width=480), history
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_png(image, str(output))
+    low, high = color_range(history.densities())
     print(
-        f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns), "
-        f"max density {float(history.densities().max()):.4f}"
+        f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns); log colour scale from "
+        f"density {low:.4f} (dark purple) to {high:.4f} (yellow)"
     )
     return output
 

@@ -38,7 +38,7 @@ def test_density_heatmap_png_renders_the_checkpointed_history(tmp_path):
         ["--ckpt_path", str(tmp_path / "run.ckpt"), "--output", str(tmp_path / "images" / "heatmap.png")]
     )
     image = decode_png(read_file(str(output)))
-    assert torch.equal(image, density_heatmap(mask_init.density_history.densities()))
+    assert torch.equal(image, density_heatmap(mask_init.density_history.densities(), cell_height=12, min_width=480))
 
 
 def test_density_heatmap_png_rejects_a_checkpoint_without_mask_init(tmp_path):

@@ -6,6 +6,7 @@ goes to TensorBoard loggers as an image; the table of the sparse layers is print
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -80,15 +81,35 @@ def colorize(values: Tensor) -> Tensor:
     return rgb.round().to(torch.uint8).movedim(-1, 0)
 
 
-def density_heatmap(densities: Tensor, cell_height: int = 8, min_width: int = 256, max_cell_width: int = 32) -> Tensor:
+def color_range(densities: Tensor, log_scale: bool = True) -> tuple[float, float]:
+    """The densities at the bottom (dark purple) and top (yellow) of :func:`density_heatmap`'s colour scale.
+
+    Linear: 0 to the largest density. Log: the smallest non-zero density to the largest.
+    """
+    high = float(densities.max())
+    if not log_scale:
+        return 0.0, high
+    positive = densities[densities > 0]
+    return (float(positive.min()) if positive.numel() else 0.0), high
+
+
+def density_heatmap(
+    densities: Tensor,
+    log_scale: bool = True,
+    cell_height: int = 8,
+    min_width: int = 256,
+    max_cell_width: int = 32,
+) -> Tensor:
     """Render per-layer densities over time as an image: one row per layer, one column per record.
 
-    The colour scale runs from density 0 (dark purple) to the largest density in the picture (yellow), so
-    reallocation between layers stays visible at high sparsity, where every density is small. A 4-pixel strip
-    on the right shows the scale from 0 (bottom) to that maximum (top).
+    The colour runs from the bottom of :func:`color_range` (dark purple) to its top, the largest density in the
+    picture (yellow). The default log scale keeps the changes of sparse layers (densities of a few percent) visible
+    next to nearly dense ones (the stem conv, the classifier) in the same picture. A 4-pixel strip on the right,
+    after a white gap, shows the scale (bottom to top).
 
     Args:
         densities: float tensor ``(layers, records)`` of densities in [0, 1].
+        log_scale: colour by log density (zeros get the bottom colour) instead of density.
         cell_height: pixel height of a layer's row.
         min_width: the columns are widened (each at most ``max_cell_width`` pixels) until the map is at least
             this wide.
@@ -103,8 +124,14 @@ def density_heatmap(densities: Tensor, cell_height: int = 8, min_width: int = 25
     if densities.dim() != 2 or densities.shape[0] < 1 or densities.shape[1] < 1:
         raise ValueError(f"densities must have shape (layers, records) with both >= 1, got {tuple(densities.shape)}")
     layers, records = densities.shape
-    top = float(densities.max())
-    normalised = densities.float() / top if top > 0 else densities.float()
+    low, high = color_range(densities, log_scale)
+    values = densities.float()
+    if high <= low:
+        normalised = torch.ones_like(values) if high > 0 else torch.zeros_like(values)
+    elif log_scale:
+        normalised = (values.clamp(min=low).log() - math.log(low)) / (math.log(high) - math.log(low))
+    else:
+        normalised = (values - low) / (high - low)
     cell_width = max(1, min(max_cell_width, -(-min_width // records)))
     pixels = normalised.repeat_interleave(cell_height, dim=0).repeat_interleave(cell_width, dim=1)
     height = layers * cell_height
@@ -176,10 +203,11 @@ def log_density_heatmap(trainer: pl.Trainer, history: DensityHistory) -> None:
         return
     densities = history.densities()
     image = density_heatmap(densities)
+    low, high = color_range(densities)
     legend = (
         f"Rows, top to bottom: {', '.join(f'{index}: `{name}`' for index, name in enumerate(history.names))}. "
-        f"Columns: epochs {history.epochs[0]} to {history.epochs[-1]}. Colour: density from 0 (dark purple) to "
-        f"{float(densities.max()):.4f} (yellow), the largest in the picture; the strip on the right is the scale."
+        f"Columns: epochs {history.epochs[0]} to {history.epochs[-1]}. Colour: density on a log scale from "
+        f"{low:.4f} (dark purple) to {high:.4f} (yellow); the strip on the right is the scale."
     )
     for logger in loggers:
         logger.experiment.add_image(DENSITY_HEATMAP_TAG, image, global_step=trainer.global_step, dataformats="CHW")

@@ -12,6 +12,7 @@ from lightning_sparse.callbacks._sparsity_logging import (
     DENSITY_HEATMAP_TAG,
     LAYER_TABLE_TAG,
     DensityHistory,
+    color_range,
     colorize,
     density_heatmap,
     layer_table,
@@ -47,7 +48,7 @@ def test_colorize_interpolates_between_viridis_anchors():
 
 def test_density_heatmap_layout_and_scale():
     densities = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.2, 0.2], [0.4, 0.4, 0.4, 0.4]])
-    image = density_heatmap(densities, cell_height=8, min_width=256, max_cell_width=32)
+    image = density_heatmap(densities, log_scale=False, cell_height=8, min_width=256, max_cell_width=32)
     # 3 layers x 8 px high; 4 records x min(32, ceil(256 / 4)) px, a 2 px white gap, a 4 px scale strip.
     assert image.shape == (3, 24, 4 * 32 + 2 + 4)
     assert image.dtype == torch.uint8
@@ -57,6 +58,14 @@ def test_density_heatmap_layout_and_scale():
     assert image[:, 8, 3 * 32].tolist() == colorize(torch.tensor(0.5)).tolist()  # 0.2 / 0.4
     assert (image[:, :, 128:130] == 255).all()
     assert image[:, 0, 131].tolist() == YELLOW and image[:, 23, 131].tolist() == PURPLE
+
+
+def test_density_heatmap_log_scale_spans_smallest_nonzero_to_largest():
+    densities = torch.tensor([[0.01, 0.1, 1.0, 0.0]])
+    assert color_range(densities) == pytest.approx((0.01, 1.0))
+    image = density_heatmap(densities, cell_height=1, min_width=4, max_cell_width=1)
+    # log10: -2, -1, 0 over [-2, 0] -> 0, 0.5, 1; a zero density takes the bottom colour.
+    assert image[:, 0, :4].T.tolist() == [PURPLE, colorize(torch.tensor(0.5)).tolist(), YELLOW, PURPLE]
 
 
 def test_density_heatmap_rejects_empty_history():
