@@ -19,7 +19,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.callbacks._sparsity_logging import log_sparsity
+from lightning_sparse.callbacks._sparsity_logging import (
+    DensityHistory,
+    log_density_heatmap,
+    log_sparsity,
+    report_layer_table,
+)
 from lightning_sparse.functional.distributions import DISTRIBUTIONS, _validate_sparsity, active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, TopologyUpdater, check_masks_fit
 from lightning_sparse.nn.weight_sharing import parameter_uses
@@ -61,6 +66,10 @@ class MaskInit(Callback, MaskOwner):
             tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (ALGORITHMS.md
             §3d). ``False`` applies ``sparsity`` to the real tensors.
         log_layer_densities: also log each tensor's density (``sparsity/density/<name>``).
+        layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard
+            as a heatmap image (``sparsity/density_heatmap``, layers x epochs; kept in the checkpoint so a
+            resumed run continues the picture); at the end of fit, print a table of the sparse tensors (shape,
+            active weights, density) on rank 0.
 
     Raises:
         ValueError: at construction, for a sparsity outside [0, 1), an unknown distribution, or inconsistent
@@ -86,6 +95,7 @@ class MaskInit(Callback, MaskOwner):
         seed: int | None = None,
         shared_budget: bool = True,
         log_layer_densities: bool = True,
+        layer_report: bool = True,
     ) -> None:
         super().__init__()
         if from_zeros and sparsity is not None:
@@ -113,6 +123,8 @@ class MaskInit(Callback, MaskOwner):
         self.seed = seed
         self.shared_budget = shared_budget
         self.log_layer_densities = log_layer_densities
+        self.layer_report = layer_report
+        self.density_history = DensityHistory()
 
         self._masks: SparseMasks | None = None
         self._checkpoint_masks: dict[str, Tensor] | None = None
@@ -203,13 +215,18 @@ class MaskInit(Callback, MaskOwner):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the sparsity curves at every epoch end."""
+        """Log the sparsity curves at every epoch end, and the per-layer density heatmap."""
         log_sparsity(pl_module, self.masks, per_layer=self.log_layer_densities, on_step=False)
+        if self.layer_report:
+            self.density_history.record(trainer.current_epoch, self.masks)
+            log_density_heatmap(trainer, self.density_history)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the optimizer hooks; the masks stay available as ``mask_init.masks``."""
+        """Remove the optimizer hooks (the masks stay available as ``mask_init.masks``); print the layer table."""
         self._remove_hooks()
+        if self.layer_report:
+            report_layer_table(trainer, self.masks)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -226,11 +243,14 @@ class MaskInit(Callback, MaskOwner):
             **self._masks.state_dict(),
             "sparsity": self.sparsity,
             "distribution": self.distribution,
+            "density_history": self.density_history.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved masks; they replace freshly drawn ones at the start of fit (checked against the model)."""
+        if "density_history" in state_dict:
+            self.density_history.load_state_dict(state_dict["density_history"])
         if "masks" not in state_dict:
             return
         masks = dict(state_dict["masks"])
