@@ -8,6 +8,7 @@ The public names, re-exported from their subpackages:
 * building blocks (no Lightning import): :class:`DyReLU`, :func:`share_stage_weights` and friends in
   :mod:`lightning_sparse.nn`; pure tensor functions in :mod:`lightning_sparse.functional`;
 * models and data: :mod:`lightning_sparse.models`, :mod:`lightning_sparse.data`;
+* the LightningModule of the CLI and examples: :class:`ImageClassifier`;
 * export: :func:`save_sparse`, :func:`load_sparse`.
 """
 
@@ -18,6 +19,7 @@ from lightning_sparse.callbacks import (
     MaskInit,
     WeightSharing,
 )
+from lightning_sparse.classification import ImageClassifier
 from lightning_sparse.export import load_sparse, save_sparse
 from lightning_sparse.masks import SparseMasks, find_mask_owner
 from lightning_sparse.nn import DyReLU, SharedConv2d, share_stage_weights
@@ -28,6 +30,7 @@ __all__ = [
     "CyclicSparsitySchedule",
     "DyReLUPhaseOut",
     "DynamicReallocation",
+    "ImageClassifier",
     "WeightSharing",
     "DyReLU",
     "MaskInit",

@@ -1,8 +1,4 @@
-"""The ``lightning-sparse`` console script and the example configs.
-
-Tests whose name ends in ``_needs_dynamic_branch`` use configs with ``DynamicReallocation`` (issue 3's callback) and
-pass once that branch is merged; every other test runs on the CLI alone.
-"""
+"""The ``lightning-sparse`` console script and the example configs."""
 
 import math
 import subprocess
@@ -154,7 +150,7 @@ def test_console_script_runs_export_help():
 
 # ------------------------------------------------------------------- configs that need DynamicReallocation
 @pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_every_config_prints_its_full_config_needs_dynamic_branch(name, capsys):
+def test_every_config_prints_its_full_config(name, capsys):
     printed = _print_config(CONFIGS / name, capsys)
     class_paths = [callback["class_path"] for callback in printed["trainer"]["callbacks"]]
     assert class_paths[:2] == ["lightning_sparse.callbacks.MaskInit", "lightning_sparse.callbacks.DynamicReallocation"]
@@ -170,7 +166,7 @@ def _callback(cli: SparseCLI, class_name: str):
     return next(callback for callback in cli.trainer.callbacks if type(callback).__name__ == class_name)
 
 
-def test_wrn28x2_config_is_the_dsr_paper_protocol_needs_dynamic_branch(tmp_path, monkeypatch):
+def test_wrn28x2_config_is_the_dsr_paper_protocol(tmp_path, monkeypatch):
     cli = _build("cifar10_wrn28x2_dsr.yaml", tmp_path, monkeypatch)
     assert sum(param.numel() for param in cli.model.network.parameters()) == 1_467_610
     mask_init: MaskInit = _callback(cli, "MaskInit")
@@ -201,7 +197,7 @@ def test_wrn28x2_config_is_the_dsr_paper_protocol_needs_dynamic_branch(tmp_path,
 
 
 @pytest.mark.parametrize("name", ["cifar100_resnet50_dsr.yaml", "imagenet_resnet50_dsr.yaml"])
-def test_resnet50_configs_sparsify_bottleneck_convs_and_fc_needs_dynamic_branch(name, tmp_path, monkeypatch):
+def test_resnet50_configs_sparsify_bottleneck_convs_and_fc(name, tmp_path, monkeypatch):
     cli = _build(name, tmp_path, monkeypatch)
     mask_init: MaskInit = _callback(cli, "MaskInit")
     sparse = select_sparse_parameters(cli.model, mask_init.include, mask_init.exclude)
@@ -212,7 +208,7 @@ def test_resnet50_configs_sparsify_bottleneck_convs_and_fc_needs_dynamic_branch(
     assert dsr.prune_target == 400_000 and isinstance(dsr.prune_target, int)
 
 
-def test_quickstart_runs_a_few_steps_needs_dynamic_branch(tmp_path, monkeypatch):
+def test_quickstart_runs_a_few_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *TINY_RUN])
     ckpt = torch.load(tmp_path / "checkpoints" / "quickstart" / "quickstart.ckpt", weights_only=True)

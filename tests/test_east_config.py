@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,6 @@ import yaml
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cifar10_resnet34_east.yaml"
 
-_missing = [
-    module
-    for module in ("lightning_sparse.cli", "lightning_sparse.callbacks.dynamic_reallocation")
-    if importlib.util.find_spec(module) is None
-]
-pytestmark = pytest.mark.skipif(
-    bool(_missing), reason=f"needs {_missing} (branches 'cli' and 'dynamic') merged into this checkout"
-)
 
 
 def _printed_config(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -50,11 +41,11 @@ def test_config_parses_with_the_protocol_of_section_3f(capsys) -> None:
 
 def test_config_builds_the_model_and_every_callback() -> None:
     from lightning.pytorch.cli import LightningCLI
-    from lightning_sparse.classification import ImageClassifier
 
     from lightning_sparse.callbacks.cyclic_sparsity import CyclicSparsitySchedule
     from lightning_sparse.callbacks.dyrelu_phase_out import DyReLUPhaseOut
     from lightning_sparse.callbacks.weight_sharing import WeightSharing
+    from lightning_sparse.classification import ImageClassifier
 
     cli = LightningCLI(
         ImageClassifier,

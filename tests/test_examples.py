@@ -1,8 +1,4 @@
-"""The scripts in ``examples/``, run in-process on tiny settings.
-
-``test_add_to_existing_trainer_tiny_run_needs_dynamic_branch`` uses DynamicReallocation and passes once that branch is
-merged; the other test runs on its own.
-"""
+"""The scripts in ``examples/``, run in-process on tiny settings."""
 
 import importlib.util
 from pathlib import Path
@@ -49,7 +45,7 @@ def test_density_heatmap_png_rejects_a_checkpoint_without_mask_init(tmp_path):
         _load("density_heatmap_png").main(["--ckpt_path", str(tmp_path / "plain.ckpt")])
 
 
-def test_add_to_existing_trainer_tiny_run_needs_dynamic_branch(tmp_path, capsys):
+def test_add_to_existing_trainer_tiny_run(tmp_path, capsys):
     example = _load("add_to_existing_trainer")
     accuracy = example.main(["--tiny", "--root_dir", str(tmp_path)])
     assert 0.0 <= accuracy <= 1.0

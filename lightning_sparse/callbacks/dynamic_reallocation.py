@@ -93,8 +93,8 @@ class DynamicReallocation(Callback):
         stop_at: fraction of the total optimizer steps (``trainer.estimated_stepping_batches``) in (0, 1] after
             which the masks are fixed. ``None``: 0.95 for DSR and SET (DSR's runs stop at epoch 190 of 200 and 95
             of 100, ALGORITHMS.md §2b), 0.75 for RigL (§4a).
-        prune_target: DSR's Np, the number of weights the threshold aims to prune per update: an int >= 1 is a
-            count, a float in (0, 1) a fraction of the active weights at that update. ``None``: 0.1. (The paper's
+        prune_target: DSR's Np, the number of weights the threshold aims to prune per update: a whole number
+            >= 1 is a count, a value in (0, 1) a fraction of the active weights at that update. ``None``: 0.1. (The paper's
             WRN-28-2 runs use Np = 20,000, 0.07 to 0.14 of the active weights at 80% to 90% sparsity.) DSR only.
         initial_threshold: DSR's H0 (> 0). ``None``: 1e-3, as in the paper's code. DSR only.
         tolerance: DSR's delta (>= 0), the band ``[(1 - delta) Np, (1 + delta) Np]`` within which H is kept.
@@ -438,14 +438,16 @@ def _check_stop_at(stop_at: float) -> float:
 
 
 def _check_prune_target(prune_target: int | float) -> int | float:
+    """A value in (0, 1) is a fraction of the active weights; a whole number >= 1 is a count.
+
+    Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
+    """
     if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
         raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
-    if isinstance(prune_target, int):
-        if prune_target < 1:
-            raise ValueError(f"prune_target as a count must be >= 1, got {prune_target}")
-    elif not 0.0 < prune_target < 1.0:
-        raise ValueError(
-            f"prune_target as a float is a fraction of the active weights and must be in (0, 1), got {prune_target}; "
-            "pass an int for a count"
-        )
-    return prune_target
+    if 0.0 < prune_target < 1.0:
+        return float(prune_target)
+    if prune_target >= 1 and float(prune_target).is_integer():
+        return int(prune_target)
+    raise ValueError(
+        f"prune_target must be a fraction of the active weights in (0, 1) or a whole count >= 1, got {prune_target}"
+    )

@@ -343,8 +343,8 @@ def test_dsr_threshold_follows_the_prune_count(tmp_path):
         (dict(every_n_steps=2.5), TypeError, "every_n_steps must be an int or a PeriodSchedule"),
         (dict(stop_at=0.0), ValueError, r"stop_at .* must be in \(0, 1\]"),
         (dict(stop_at=1.5), ValueError, r"stop_at .* must be in \(0, 1\]"),
-        (dict(prune_target=0), ValueError, "prune_target as a count"),
-        (dict(prune_target=1.0), ValueError, "pass an int for a count"),
+        (dict(prune_target=0), ValueError, r"in \(0, 1\) or a whole count >= 1"),
+        (dict(prune_target=2.5), ValueError, r"in \(0, 1\) or a whole count >= 1"),
         (dict(initial_threshold=0.0), ValueError, "H0"),
         (dict(method="set", prune_target=100), ValueError, "does not use prune_target"),
         (dict(method="dsr", drop_fraction=0.2), ValueError, "does not use drop_fraction"),
@@ -371,3 +371,10 @@ def test_pickling_keeps_the_generator_state():
     copy = pickle.loads(pickle.dumps(realloc))
     assert torch.equal(copy._generator.get_state(), realloc._generator.get_state())
     assert torch.equal(torch.randperm(50, generator=copy._generator), torch.randperm(50, generator=realloc._generator))
+
+
+def test_whole_number_prune_target_from_yaml_is_a_count():
+    # YAML/LightningCLI may deliver the paper's Np = 20000 as 20000.0.
+    assert DynamicReallocation("dsr", prune_target=20000.0).prune_target == 20000
+    assert isinstance(DynamicReallocation("dsr", prune_target=20000.0).prune_target, int)
+    assert DynamicReallocation("dsr", prune_target=0.25).prune_target == 0.25
