@@ -65,14 +65,14 @@ def write_results(out: Path, name: str, data: dict[str, Any], markdown: list[str
     (out / f"{name}.md").write_text("\n".join(markdown).rstrip("\n") + "\n")
 
 
-def new_figure(width: float = 7.0, height: float = 4.5) -> tuple[Any, Any]:
-    """A matplotlib figure and axes on the non-interactive Agg backend."""
+def new_figure(width: float = 7.0, height: float = 4.5, columns: int = 1) -> tuple[Any, Any]:
+    """A matplotlib figure and its axes (one, or a tuple of ``columns``) on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(1, columns, figsize=(width, height))
 
 
 def save_figure(figure: Any, out: Path, name: str) -> None:
