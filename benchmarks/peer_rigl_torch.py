@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
