@@ -1,4 +1,5 @@
-"""Helpers shared by the issue-6 benchmarks: machine description, result writers (JSON, Markdown, PNG), timing.
+"""Helpers shared by the benchmarks: machine description, result writers (JSON, Markdown, PNG), timing, and the
+callbacks, model wrapper and step timer of the training benchmarks.
 
 Every benchmark writes ``<out>/<name>.json`` (raw figures, settings and :func:`machine_description`),
 ``<out>/<name>.md`` (a Markdown table) and ``<out>/<name>.png`` (a matplotlib plot); ``--quick`` runs write
@@ -17,6 +18,23 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_sparse.callbacks import (
+    CyclicSparsitySchedule,
+    DynamicReallocation,
+    DyReLUPhaseOut,
+    MaskInit,
+    WeightSharing,
+)
+
+METHODS = ("dense", "static", "set", "rigl", "dsr", "east")
+"""The training methods compared by the benchmarks."""
+DYNAMIC = ("set", "rigl", "dsr")
+"""The methods that move weights at a fixed budget (DynamicReallocation)."""
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,3 +120,66 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
+
+
+def method_callbacks(
+    method: str, sparsity: float, seed: int, period: int, stop_at: float | None = None
+) -> list[L.Callback]:
+    """The callbacks of one method: nothing (dense), MaskInit (static ERK), + DynamicReallocation (set / rigl /
+    dsr), or the EAST stack; topology updates every ``period`` steps, stopping at ``stop_at`` (None: each
+    method's default)."""
+    if method == "dense":
+        return []
+    mask_init = MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False)
+    if method == "static":
+        return [mask_init]
+    if method in DYNAMIC:
+        return [mask_init, DynamicReallocation(method, every_n_steps=period, stop_at=stop_at, seed=seed)]
+    if method == "east":
+        return [
+            WeightSharing(),
+            DyReLUPhaseOut(start=0.25, end=0.5),
+            mask_init,
+            CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=period),
+            DynamicReallocation("rigl", every_n_steps=period, stop_at=stop_at, seed=seed),
+        ]
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+class SGDClassifier(L.LightningModule):
+    """Cross-entropy classifier with SGD Nesterov (lr 0.05, momentum 0.9, weight decay 5e-4): the step-time model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of batch ``warmup`` to the end of the last batch (topology updates included)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx >= self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.end = time.perf_counter()
+            self.steps = batch_idx - self.warmup + 1

@@ -39,20 +39,22 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, new_figure, result_name, save_figure, write_results  # noqa: E402
-
-from lightning_sparse.callbacks import (  # noqa: E402
-    CyclicSparsitySchedule,
-    DynamicReallocation,
-    DyReLUPhaseOut,
-    MaskInit,
-    WeightSharing,
+from _common import (  # noqa: E402
+    DYNAMIC,
+    METHODS,
+    RESULTS,
+    markdown_table,
+    method_callbacks,
+    new_figure,
+    result_name,
+    save_figure,
+    write_results,
 )
+
+from lightning_sparse.callbacks import MaskInit  # noqa: E402
 from lightning_sparse.data import DigitsDataModule  # noqa: E402
 from lightning_sparse.models import BasicBlock, CifarResNet  # noqa: E402
 
-METHODS = ("dense", "static", "set", "rigl", "dsr", "east")
-DYNAMIC = ("set", "rigl", "dsr")
 HOLD_POINTS = 5.0  # accuracy points: "holds" = within this of its own 0.9 accuracy; "falls" = more than this below
 
 
@@ -77,27 +79,6 @@ class Classifier(L.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs)]
 
 
-def make_callbacks(method: str, sparsity: float, seed: int, period: int) -> list[L.Callback]:
-    """The callbacks of one method (see the module docstring)."""
-    if method == "dense":
-        return []
-    mask_init = MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False)
-    if method == "static":
-        return [mask_init]
-    if method in DYNAMIC:
-        return [mask_init, DynamicReallocation(method, every_n_steps=period, seed=seed)]
-    if method == "east":
-        return [
-            WeightSharing(),
-            DyReLUPhaseOut(start=0.25, end=0.5),
-            mask_init,
-            CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=period),
-            DynamicReallocation("rigl", every_n_steps=period, seed=seed),
-        ]
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-@torch.no_grad()
 def test_accuracy(model: nn.Module, loader: Any) -> float:
     """Top-1 accuracy in percent over ``loader``."""
     model.eval()
@@ -119,7 +100,7 @@ def train_once(method: str, sparsity: float | None, seed: int, args: argparse.Na
     period = max(2, steps // 20)
     net = CifarResNet(BasicBlock, tuple(args.blocks), width=args.width)
     model = Classifier(net, lr=args.lr, epochs=args.epochs)
-    callbacks = make_callbacks(method, sparsity or 0.0, seed, period)
+    callbacks = method_callbacks(method, sparsity or 0.0, seed, period)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,

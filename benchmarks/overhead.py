@@ -36,79 +36,23 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, new_figure, result_name, save_figure, write_results  # noqa: E402
-
-from lightning_sparse.callbacks import (  # noqa: E402
-    CyclicSparsitySchedule,
-    DynamicReallocation,
-    DyReLUPhaseOut,
-    MaskInit,
-    WeightSharing,
+from _common import (  # noqa: E402
+    METHODS,
+    RESULTS,
+    SGDClassifier,
+    StepTimer,
+    markdown_table,
+    method_callbacks,
+    new_figure,
+    result_name,
+    save_figure,
+    write_results,
 )
+
 from lightning_sparse.models import BasicBlock, CifarResNet  # noqa: E402
-
-METHODS = ("dense", "static", "set", "rigl", "dsr", "east")
-
-
-class Classifier(L.LightningModule):
-    """Cross-entropy classifier with SGD Nesterov."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-
-class StepTimer(L.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of the last batch, and the topology updates in it."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start = self.end = 0.0
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if batch_idx >= self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.end = time.perf_counter()
-            self.steps = batch_idx - self.warmup + 1
-
-
-def make_callbacks(method: str, args: argparse.Namespace, seed: int) -> list[L.Callback]:
-    """The callbacks of one method; every update runs every ``args.every_n_steps`` steps until the end."""
-    if method == "dense":
-        return []
-    mask_init = MaskInit(sparsity=args.sparsity, distribution="erk", seed=seed, log_layer_densities=False)
-    period = args.every_n_steps
-    if method == "static":
-        return [mask_init]
-    if method in ("set", "rigl", "dsr"):
-        return [mask_init, DynamicReallocation(method, every_n_steps=period, stop_at=1.0, seed=seed)]
-    return [
-        WeightSharing(),
-        DyReLUPhaseOut(start=0.25, end=0.5),
-        mask_init,
-        CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=period),
-        DynamicReallocation("rigl", every_n_steps=period, stop_at=1.0, seed=seed),
-    ]
 
 
 def train(method: str, args: argparse.Namespace, seed: int) -> float:
@@ -122,10 +66,10 @@ def train(method: str, args: argparse.Namespace, seed: int) -> float:
     trainer = L.Trainer(
         accelerator="cuda" if args.cuda else "cpu", devices=1, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer, *make_callbacks(method, args, seed)],
+        callbacks=[timer, *method_callbacks(method, args.sparsity, seed, args.every_n_steps, stop_at=1.0)],
     )
     net = CifarResNet(BasicBlock, (3, 3, 3, 3), width=args.width)
-    trainer.fit(Classifier(net), DataLoader(TensorDataset(x, y), batch_size=args.batch_size))
+    trainer.fit(SGDClassifier(net), DataLoader(TensorDataset(x, y), batch_size=args.batch_size))
     return (timer.end - timer.start) / timer.steps
 
 

@@ -27,16 +27,15 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import torch
 
 from lightning_sparse.functional.dsr import allocate_growth, dsr_reallocate, grow_random
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, median_time  # noqa: E402
 
 
 def resnet50_weight_shapes() -> list[tuple[int, ...]]:
@@ -82,16 +81,6 @@ def topk_update(
     return grow_random(kept, pruned, counts, generator)
 
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small tensors (smoke test)")
@@ -116,13 +105,13 @@ def main() -> None:
         return dsr_reallocate(weights, masks, threshold, num_prune, 0.1, torch.Generator().manual_seed(0))
 
     timings = {
-        "dsr_update_s": median_seconds(dsr, repeats),
-        "sort_topk_update_s": median_seconds(
+        "dsr_update_s": median_time(dsr, repeats)[0],
+        "sort_topk_update_s": median_time(
             lambda: topk_update(weights, masks, num_prune, torch.Generator().manual_seed(0), use_sort=True), repeats
-        ),
-        "partial_topk_update_s": median_seconds(
+        )[0],
+        "partial_topk_update_s": median_time(
             lambda: topk_update(weights, masks, num_prune, torch.Generator().manual_seed(0), use_sort=False), repeats
-        ),
+        )[0],
     }
     result = dsr()
     result_info = {

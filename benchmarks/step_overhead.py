@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -30,39 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse.callbacks import DynamicReallocation, MaskInit
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class Net(L.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-
-class StepTimer(L.Callback):
-    """Wall time from the start of batch ``warmup`` to the end of the last batch."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start = 0.0
-        self.end = 0.0
-        self.steps = 0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx >= self.warmup:
-            self.end = time.perf_counter()
-            self.steps = batch_idx - self.warmup + 1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, SGDClassifier, StepTimer  # noqa: E402
 
 
 def make_net(quick: bool) -> nn.Module:
@@ -92,7 +60,7 @@ def run(sparse: bool, args: argparse.Namespace, seed: int) -> float:
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
-    trainer.fit(Net(make_net(args.quick)), loader)
+    trainer.fit(SGDClassifier(make_net(args.quick)), loader)
     return (timer.end - timer.start) / timer.steps
 
 
