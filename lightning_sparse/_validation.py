@@ -106,7 +106,9 @@ def check_real(
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
     """A sparsity in [0, 1): the fraction of weights that are zero (any real number type)."""
-    return check_real(value, name, low=0.0, high=1.0, high_open=True, what=" (fraction of weights set to zero; 0.9 keeps 10%)")
+    return check_real(
+        value, name, low=0.0, high=1.0, high_open=True, what=" (fraction of weights set to zero; 0.9 keeps 10%)"
+    )
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
@@ -137,5 +139,5 @@ def check_patterns(value: Any, name: str) -> list[str] | None:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, Sequence) or not all(isinstance(item, str) for item in value):
-        raise TypeError(f"{name} must be a glob pattern or a list of them, e.g. [\"layer*.conv*.weight\"], got {value!r}")
+        raise TypeError(f'{name} must be a glob pattern or a list of them, e.g. ["layer*.conv*.weight"], got {value!r}')
     return list(value) or None

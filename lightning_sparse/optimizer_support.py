@@ -65,7 +65,9 @@ OPTIMIZER_SUPPORT: dict[type[torch.optim.Optimizer], OptimizerSupport] = {
     torch.optim.Adadelta: OptimizerSupport(),
     torch.optim.RMSprop: OptimizerSupport(),
     torch.optim.ASGD: OptimizerSupport(),  # ax starts at 0; eta and mu are per-parameter scalars
-    torch.optim.Adagrad: OptimizerSupport(initial_state={"sum": lambda group: float(group["initial_accumulator_value"])}),
+    torch.optim.Adagrad: OptimizerSupport(
+        initial_state={"sum": lambda group: float(group["initial_accumulator_value"])}
+    ),
     torch.optim.Rprop: OptimizerSupport(initial_state={"step_size": _lr}),
     torch.optim.LBFGS: OptimizerSupport(
         rejected="its state is a flat history over all parameters (one vector per step), not one entry per weight, "
@@ -113,7 +115,9 @@ def initial_state_value(optimizer: torch.optim.Optimizer, group: Mapping[str, An
     return 0.0 if rule is None else rule(group)
 
 
-def check_state_shapes(optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor], names: Mapping[int, str]) -> None:
+def check_state_shapes(
+    optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor], names: Mapping[int, str]
+) -> None:
     """Raise if a sparse parameter's optimizer state holds a tensor that is neither a scalar nor its shape.
 
     Such state (an unknown optimizer's factored or flattened statistics) cannot be reset at masked positions.
