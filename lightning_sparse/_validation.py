@@ -51,7 +51,7 @@ def check_choice(value: Any, name: str, choices: Any) -> str:
     return value
 
 
-def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+def check_int(value: Any, name: str, *, minimum: int | None = None, what: str = "") -> int:
     """An integer (``int`` or any ``numbers.Integral`` such as ``numpy.int64``; not a bool) ``>= minimum``.
 
     Raises:
@@ -62,7 +62,7 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}{what}, got {value}")
     return value
 
 
@@ -100,7 +100,7 @@ def check_real(
     if not math.isfinite(value) or too_low or too_high:
         left = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
         right = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be a finite number in {left}, {right}{what}, got {value}")
+        raise ValueError(f"{name} must be in {left}, {right}{what}, got {value}")
     return value
 
 

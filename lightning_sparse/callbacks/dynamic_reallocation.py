@@ -415,8 +415,10 @@ def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
         return every_n_steps
     try:
         return ConstantPeriod(check_int(every_n_steps, "every_n_steps", minimum=1))
-    except TypeError as error:
-        raise TypeError(f"{error}; pass an int or a PeriodSchedule (e.g. SteppedPeriod)") from None
+    except TypeError:
+        raise TypeError(
+            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {every_n_steps!r}"
+        ) from None
 
 
 def _check_stop_at(stop_at: float) -> float:
