@@ -35,6 +35,9 @@ _DESCRIPTION = (
 )
 
 
+_USAGE = "%(prog)s [--config CONFIG.yaml] [--section.option VALUE ...]   (all options: --help)"
+
+
 class SparseCLI(LightningCLI):
     """LightningCLI over :class:`ImageClassifier` and any datamodule, with the fit / validate / test subcommands.
 
@@ -54,7 +57,15 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        # A short usage line for the subcommands: argparse prints it above every error, and the default one lists
+        # every option (about 50 lines), which buried a config's one-line error.
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": _DESCRIPTION,
+                **{name: {"usage": _USAGE.replace("%(prog)s", f"lightning-sparse {name}")} for name in self.subcommands()},
+            },
+        )
         kwargs.setdefault("save_config_callback", AtomicSaveConfigCallback)
         super().__init__(args=args, run=run, **kwargs)
 

@@ -183,8 +183,8 @@ def _damaged(path: str | os.PathLike, what: str) -> ValueError:
     return ValueError(f"{path} is damaged: {what}. Export it again with lightning_sparse.save_sparse(model, path).")
 
 
-def _sparse_tensor(path: str | os.PathLike, name: str, entry: object) -> Tensor:
-    """Rebuild one sparse-form tensor, checking its shape, positions and values."""
+def _check_entry(path: str | os.PathLike, name: str, entry: object) -> None:
+    """Check one sparse-form entry's structure: its keys, shape, dtypes and lengths."""
     if not isinstance(entry, dict) or not {"shape", "positions", "values"} <= set(entry):
         raise _damaged(path, f"the entry of tensor {name!r} lacks its shape, positions or values")
     shape, positions, values = entry["shape"], entry["positions"], entry["values"]
@@ -200,6 +200,11 @@ def _sparse_tensor(path: str | os.PathLike, name: str, entry: object) -> Tensor:
             f"tensor {name!r} stores {positions.numel()} positions and {values.numel()} values (they must be two "
             "1-D tensors of one length)",
         )
+
+
+def _sparse_tensor(path: str | os.PathLike, name: str, entry: dict) -> Tensor:
+    """Rebuild one (structurally checked) sparse-form tensor, checking that its positions are in range and unique."""
+    shape, positions, values = entry["shape"], entry["positions"], entry["values"]
     numel = int(torch.Size(shape).numel())
     flat_positions = positions.long()
     if flat_positions.numel():
@@ -247,6 +252,8 @@ def read_sparse_state_dict(path: str | os.PathLike, map_location: str | torch.de
     for name, tensor in dense.items():
         if not isinstance(tensor, Tensor):
             raise _damaged(path, f"tensor {name!r} is not a tensor")
+    for name, entry in sparse.items():
+        _check_entry(path, name, entry)
     if version >= 2:
         checksum = payload.get("checksum")
         try:

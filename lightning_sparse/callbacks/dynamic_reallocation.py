@@ -158,7 +158,7 @@ class DynamicReallocation(Callback):
         )
         self.seed = check_seed(seed)
 
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._threshold = self.initial_threshold
         self._owner: MaskOwner | None = None
         self._total_steps = 0

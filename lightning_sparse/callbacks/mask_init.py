@@ -248,7 +248,9 @@ class MaskInit(Callback, MaskOwner):
         # Lightning's steps pass a closure (or, under AMP's GradScaler, have run on_before_optimizer_step already).
         # A step without either is the raw optimizer of manual optimization (use_pl_optimizer=False): Lightning's
         # hooks do not run for it, so the gradients are masked here.
-        if self._lightning_step_pending or kwargs.get("closure") is not None or args:
+        self._check_optimizer_state(optimizer)
+        # torch passes (optimizer, *step_args) as args: a second item is a positional closure.
+        if self._lightning_step_pending or kwargs.get("closure") is not None or len(args) > 1:
             return
         if self._updaters:
             raise RuntimeError(
@@ -263,10 +265,18 @@ class MaskInit(Callback, MaskOwner):
         # Safety net for optimizers that move weights whose gradient is zero.
         self._lightning_step_pending = False
         self.masks.apply_()
-        if id(optimizer) not in self._checked_optimizers:
-            self._checked_optimizers.add(id(optimizer))
-            names = {id(param): name for name, param in self.masks.parameters.items()}
-            check_state_shapes(optimizer, self.masks.parameters.values(), names)
+
+    def _check_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        # Once per optimizer, before the first step that finds state for a sparse parameter (so before step 2):
+        # state that is not one entry per weight cannot be kept exact (lightning_sparse.optimizer_support).
+        if id(optimizer) in self._checked_optimizers:
+            return
+        parameters = self.masks.parameters
+        if not any(optimizer.state.get(param) for param in parameters.values()):
+            return
+        names = {id(param): name for name, param in parameters.items()}
+        check_state_shapes(optimizer, parameters.values(), names)
+        self._checked_optimizers.add(id(optimizer))
 
     @override
     def on_train_batch_end(
@@ -426,3 +436,4 @@ def _kept_parameters(pl_module: pl.LightningModule, masks: SparseMasks) -> dict[
         {name: param.shape for name, param in present.items()},
     )
     return present
+
