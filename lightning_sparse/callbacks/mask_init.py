@@ -51,6 +51,12 @@ class MaskInit(Callback, MaskOwner):
     and after every step it zeroes the masked weights again, so that masked weights and the optimizer state
     at masked positions stay exactly 0 with any optimizer (ARCHITECTURE.md §4).
 
+    Masks that exist are kept: a second ``trainer.fit`` (or this callback on a new Trainer) continues from the
+    trained topology after checking that it fits the model; :meth:`reset_masks` draws new ones at the next fit. A
+    resumed checkpoint's masks win over ``sparsity`` (with a warning when they differ). The optimizers are checked
+    before the first step (:mod:`lightning_sparse.optimizer_support`); raw optimizer steps of manual optimization
+    (``use_pl_optimizer=False``) are masked too.
+
     The masks are :class:`~lightning_sparse.masks.SparseMasks`, public as ``mask_init.masks`` once fit has
     started. They are saved in this callback's state inside Lightning checkpoints, not in the model's
     ``state_dict()``, which keeps exactly the user's keys. The callbacks that move weights
@@ -62,15 +68,19 @@ class MaskInit(Callback, MaskOwner):
         distribution: how the budget is shared among tensors: ``"erk"`` (Erdős–Rényi-Kernel, RigL's exact
             procedure), ``"er"`` or ``"uniform"`` (the same sparsity in every tensor).
         include: glob patterns over parameter names (``pl_module.named_parameters()``) that replace the
-            default selection, e.g. ``["layer*.conv*.weight"]``.
+            default selection, e.g. ``["layer*.conv*.weight"]``; one string is one pattern. The default selection
+            leaves frozen weights (``requires_grad=False``) dense; a pattern that names them makes them sparse, and
+            no topology update grows weights into them.
         exclude: glob patterns removed from the selection, e.g. ``["fc.weight"]`` keeps the classifier dense.
         layer_sparsity: glob pattern -> fixed sparsity for the matching sparse tensors; they are left out of
             the distribution's fit and take their share of the global budget first.
         power_scale: exponent of the ER/ERK scores (1.0 = ERK; 0.0 = uniform).
         from_zeros: take the masks from the zeros already in the model (fine-tuning a sparse checkpoint).
-        seed: seed of the generator that draws the masks. ``None`` draws the seed from torch's global
-            generator (so ``seed_everything`` makes it reproducible). Rank 0's masks are broadcast under DDP.
-        shared_budget: under weight sharing (a parameter used in several places), apply EAST's budget rule:
+        seed: seed of the generator that draws the masks, an int in [0, 2**64). ``None`` draws the seed from torch's
+            global generator (so ``seed_everything`` makes it reproducible). Rank 0's masks are broadcast under DDP.
+        shared_budget: ``None`` (default): apply EAST's budget rule when the model holds
+            :class:`~lightning_sparse.nn.SharedConv2d` modules (:class:`WeightSharing`), not for plain weight tying.
+            ``True``: for any parameter used in several places, apply EAST's budget rule:
             the active learnable weights equal ``(1 - sparsity) x`` the size of the unshared model's sparse
             tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (ALGORITHMS.md
             §3d). ``False`` applies ``sparsity`` to the real tensors.
