@@ -18,7 +18,9 @@ from typing import Any, Literal, get_args
 __all__ = [
     "CycleShape",
     "Distribution",
+    "GrowthRule",
     "Method",
+    "Rounding",
     "check_choice",
     "check_int",
     "check_patterns",
@@ -35,6 +37,12 @@ CycleShape = Literal["cosine", "triangular"]
 
 Method = Literal["dsr", "set", "rigl"]
 """The topology-update methods of DynamicReallocation (docs/algorithms.md §2a, §4a, §4b)."""
+
+GrowthRule = Literal["global", "channel_normalized", "channel_capped"]
+"""How gradient growth ranks candidate positions (lightning_sparse.functional.channels.GROWTH_RULES)."""
+
+Rounding = Literal["floor", "ceil"]
+"""How a drop fraction becomes a count: RigL's and SET's floor, EAST's code's ceil (docs/algorithms.md §3a)."""
 
 _SEED_RANGE = (0, 2**64)  # torch.Generator.manual_seed accepts [0, 2**64) (and negatives wrapped; we refuse those)
 

@@ -17,8 +17,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse._validation import CycleShape, Distribution, check_choice, check_int, check_real
+from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
+from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
 from lightning_sparse.functional.distributions import active_counts, layer_densities
@@ -58,6 +59,10 @@ class CyclicSparsitySchedule(Callback):
     safety net. Logged (TensorBoard by default): ``cyclic/target_density``, ``cyclic/realised_density`` (both over
     the real sparse tensors), ``cyclic/multiplier``, ``cyclic/updates``, ``cyclic/skipped_nonfinite``.
 
+    Channel safety (on by default; docs/troubleshooting.md): prunes keep ``min_active_per_channel`` weights in every
+    output channel and growth ranks positions with ``growth_rule``, so that BatchNorm-inflated gradients of empty
+    channels do not capture the growth phase. ``min_active_per_channel=0`` gives the authors' rules exactly.
+
     Choices where the authors' code is ambiguous (ALGORITHMS.md §3h): the target is a count over the real sparse
     tensors, the same units as the ERK allocation, instead of the code's comparison of an ERK target with an
     "effective" density that counts shared weights once per use (§3h item 4); each tensor goes exactly to its ERK
@@ -76,6 +81,15 @@ class CyclicSparsitySchedule(Callback):
         every_n_steps: optimizer steps between updates inside the cycles (the authors' code default: 100).
         distribution: ``"erk"``, ``"er"`` or ``"uniform"``; ``None`` uses MaskInit's.
         power_scale: exponent of the ER/ERK scores; ``None`` uses MaskInit's.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): a prune keeps the
+            ``min_active_per_channel`` largest-``|w|`` weights of every output channel (dim 0 of a sparse tensor), so
+            it never empties a channel; where a tensor's target count leaves too few weights above the floor, the
+            floor is lowered for that tensor and update only as far as the count requires. ``0`` turns channel
+            safety off and restores EAST's rules exactly, growth included. Default 1.
+        growth_rule: how growth ranks positions: ``"global"`` (largest ``|grad|`` over the tensor, EAST's code),
+            ``"channel_normalized"`` or ``"channel_capped"`` (see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`). ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0.
 
     Raises:
         TypeError: at construction, for an argument of the wrong type.
@@ -102,6 +116,8 @@ class CyclicSparsitySchedule(Callback):
         every_n_steps: int = 100,
         distribution: Distribution | None = None,
         power_scale: float | None = None,
+        min_active_per_channel: int = 1,
+        growth_rule: GrowthRule | None = None,
     ) -> None:
         super().__init__()
         self.max_multiplier = check_real(
@@ -114,6 +130,13 @@ class CyclicSparsitySchedule(Callback):
         self.shape = check_choice(shape, "shape", CycleShape)
         self.distribution = None if distribution is None else check_choice(distribution, "distribution", Distribution)
         self.power_scale = None if power_scale is None else check_real(power_scale, "power_scale", low=0.0)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
         self._warned_nonfinite = False
 
         self._owner: MaskOwner | None = None
@@ -163,7 +186,9 @@ class CyclicSparsitySchedule(Callback):
             RuntimeError: before the start of training.
         """
         if self._budget is None:
-            raise RuntimeError("CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first")
+            raise RuntimeError(
+                "CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first"
+            )
         position = cycle_position(step, self._lengths)
         if position is None:
             return self._budget
@@ -313,9 +338,10 @@ class CyclicSparsitySchedule(Callback):
                 grad = params[name].grad
                 if grad is None:
                     return None
-                new_masks[name] = gradient_grow(grad, masks[name], difference)
+                new_masks[name] = gradient_grow(grad, masks[name], difference, rule=self.growth_rule)
             elif difference < 0:
-                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference)
+                floor = feasible_floor(masks[name], -difference, self.min_active_per_channel)
+                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference, floor)
         return new_masks
 
     def _layer_counts(self, masks: SparseMasks, target: int) -> dict[str, int]:

@@ -21,8 +21,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse._validation import Method, check_choice, check_int, check_real, check_seed
-from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
+from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
+from lightning_sparse.functional.channels import resolve_growth_rule
+from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
 from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
@@ -34,7 +35,6 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
 _UPDATER_ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
-_FLOOR_EPSILON = 1e-9
 
 
 class DynamicReallocation(Callback):
@@ -62,6 +62,13 @@ class DynamicReallocation(Callback):
       gradient is ``None`` at an update step (unused in that step) is left unchanged: there is no gradient to rank
       growth by, and a random fallback would silently turn RigL into SET for that tensor. Per-tensor counts are
       fixed.
+
+    Channel safety (on by default; docs/troubleshooting.md): at extreme sparsity an output channel with no active
+    weight feeds zero variance into train-mode BatchNorm, whose backward divides by ``sqrt(var + eps)``; the inflated
+    dense gradients of such channels capture RigL's growth while magnitude drop empties more channels, and training
+    collapses. With ``min_active_per_channel >= 1`` no update drops a channel's last ``min_active_per_channel``
+    weights, and RigL ranks growth with ``growth_rule`` (by default each ``|grad|`` relative to its output channel's
+    mean). ``min_active_per_channel=0`` gives the published rules exactly.
 
     When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
     with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
@@ -105,6 +112,21 @@ class DynamicReallocation(Callback):
             ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
             SET and RigL only.
         seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): no update drops any of the
+            ``min_active_per_channel`` largest-``|w|`` weights of an output channel (dim 0 of a sparse tensor), so an
+            update never empties a channel (DSR's threshold prune, SET's and RigL's drop; SET and RigL then replace
+            at most the weights above the floor). ``0`` turns channel safety off and restores the published rules
+            exactly, RigL's growth included. Default 1.
+        growth_rule: how RigL ranks growth positions: ``"global"`` (RigL's largest ``|grad|`` over the tensor),
+            ``"channel_normalized"`` (``|grad|`` over its output channel's mean) or ``"channel_capped"`` (at most
+            an even share per channel); see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`. ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0. RigL only.
+        drop_fraction_floor: the cosine-annealed fraction decays from ``drop_fraction`` to this value at
+            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, ALGORITHMS.md §3e).
+            ``None``: 0. RigL only.
+        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, ALGORITHMS.md §3a)
+            for the number of weights a tensor replaces. ``None``: ``"floor"``. SET and RigL only.
 
     Raises:
         ValueError: at construction, for an unknown method, ``every_n_steps < 1``, ``stop_at`` outside (0, 1], an
@@ -132,6 +154,10 @@ class DynamicReallocation(Callback):
         tolerance: float | None = None,
         drop_fraction: float | None = None,
         seed: int = 0,
+        min_active_per_channel: int = 1,
+        growth_rule: GrowthRule | None = None,
+        drop_fraction_floor: float | None = None,
+        rounding: Rounding | None = None,
     ) -> None:
         super().__init__()
         self.method = check_choice(method, "method", Method)
@@ -140,23 +166,52 @@ class DynamicReallocation(Callback):
 
         dsr_only = {"prune_target": prune_target, "initial_threshold": initial_threshold, "tolerance": tolerance}
         unused = [name for name, value in dsr_only.items() if value is not None] if method != "dsr" else []
-        if method == "dsr" and drop_fraction is not None:
-            unused.append("drop_fraction")
+        if method == "dsr":
+            unused += [
+                name for name, value in (("drop_fraction", drop_fraction), ("rounding", rounding)) if value is not None
+            ]
+        if method != "rigl":
+            unused += [
+                name
+                for name, value in (("growth_rule", growth_rule), ("drop_fraction_floor", drop_fraction_floor))
+                if value is not None
+            ]
         if unused:
             raise ValueError(
                 f"method={method!r} does not use {', '.join(unused)}; remove it (prune_target, initial_threshold and "
-                "tolerance are DSR's, drop_fraction is SET's zeta and RigL's alpha)"
+                "tolerance are DSR's, drop_fraction and rounding are SET's and RigL's, growth_rule and "
+                "drop_fraction_floor are RigL's)"
             )
         self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
         self.initial_threshold = check_real(
-            1e-3 if initial_threshold is None else initial_threshold, "initial_threshold", low=0.0, low_open=True,
+            1e-3 if initial_threshold is None else initial_threshold,
+            "initial_threshold",
+            low=0.0,
+            low_open=True,
             what=" (DSR's H0)",
         )
-        self.tolerance = check_real(0.1 if tolerance is None else tolerance, "tolerance", low=0.0, what=" (DSR's delta)")
+        self.tolerance = check_real(
+            0.1 if tolerance is None else tolerance, "tolerance", low=0.0, what=" (DSR's delta)"
+        )
         self.drop_fraction = check_real(
             0.3 if drop_fraction is None else drop_fraction, "drop_fraction", low=0.0, high=1.0, low_open=True
         )
         self.seed = check_seed(seed)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
+        self.drop_fraction_floor = check_real(
+            0.0 if drop_fraction_floor is None else drop_fraction_floor,
+            "drop_fraction_floor",
+            low=0.0,
+            high=self.drop_fraction,
+            what=" (at most drop_fraction)",
+        )
+        self.rounding = "floor" if rounding is None else check_choice(rounding, "rounding", Rounding)
 
         self._generator = torch.Generator().manual_seed(self.seed)
         self._threshold = self.initial_threshold
@@ -373,6 +428,7 @@ class DynamicReallocation(Callback):
             target_pruned=target,
             tolerance=self.tolerance,
             generator=self._generator,
+            min_active_per_channel=self.min_active_per_channel,
         )
         self._threshold = result.threshold
         if result.num_pruned == 0:
@@ -382,7 +438,7 @@ class DynamicReallocation(Callback):
     def _per_tensor(self, masks: SparseMasks, step: int, use_gradient: bool) -> tuple[dict[str, Tensor], int, int]:
         params = masks.parameters
         if use_gradient:
-            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction)
+            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction, self.drop_fraction_floor)
         else:
             fraction = self.drop_fraction
         self.last_drop_fraction = fraction
@@ -396,11 +452,25 @@ class DynamicReallocation(Callback):
             if use_gradient:
                 if param.grad is None:
                     continue  # unused in this step: nothing to rank growth by (see the class docstring)
-                update = rigl_update(param.detach(), param.grad, mask, fraction)
+                update = rigl_update(
+                    param.detach(),
+                    param.grad,
+                    mask,
+                    fraction,
+                    min_active_per_channel=self.min_active_per_channel,
+                    growth_rule=self.growth_rule,
+                    rounding=self.rounding,
+                )
             else:
                 # Regrowth excludes the just-dropped positions, so a nearly dense tensor replaces fewer.
-                count = min(math.floor(fraction * nnz + _FLOOR_EPSILON), mask.numel() - nnz)
-                update = set_update(param.detach(), mask, count / nnz, self._generator)
+                count = min(update_count(nnz, fraction, self.rounding), mask.numel() - nnz)
+                update = set_update(
+                    param.detach(),
+                    mask,
+                    count / nnz,
+                    self._generator,
+                    min_active_per_channel=self.min_active_per_channel,
+                )
             new_masks[name] = update.mask
             dropped.append(update.dropped.sum())
             grown.append(update.grown.sum())
@@ -423,7 +493,11 @@ def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
 
 def _check_stop_at(stop_at: float) -> float:
     return check_real(
-        stop_at, "stop_at", low=0.0, high=1.0, low_open=True,
+        stop_at,
+        "stop_at",
+        low=0.0,
+        high=1.0,
+        low_open=True,
         what=" (the fraction of training after which the masks are fixed)",
     )
 
@@ -434,7 +508,9 @@ def _check_prune_target(prune_target: int | float) -> int | float:
     Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
     """
     if isinstance(prune_target, bool) or not isinstance(prune_target, Real):
-        raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
+        raise TypeError(
+            f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}"
+        )
     if 0.0 < prune_target < 1.0:
         return float(prune_target)
     if prune_target >= 1 and float(prune_target).is_integer():

@@ -186,9 +186,7 @@ class DyReLUPhaseOut(Callback):
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
                 self._hook_handles.append(dyrelu.register_forward_hook(_keep_hypernetwork_in_graph))
-        rank_zero_info(
-            f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}"
-        )
+        rank_zero_info(f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}")
 
     @override
     def on_train_batch_start(
@@ -253,7 +251,9 @@ class DyReLUPhaseOut(Callback):
             )
         try:
             with isolated_rng(type(self).__name__):
-                convert_relu_to_dyrelu(pl_module, example_input=example, channels=self.channels, reduction=self.reduction)
+                convert_relu_to_dyrelu(
+                    pl_module, example_input=example, channels=self.channels, reduction=self.reduction
+                )
         except ValueError as error:
             raise ValueError(
                 f"DyReLUPhaseOut could not swap the model's ReLUs for DyReLU: {error} With the callback, pass "

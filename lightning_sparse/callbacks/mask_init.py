@@ -57,6 +57,11 @@ class MaskInit(Callback, MaskOwner):
     before the first step (:mod:`lightning_sparse.optimizer_support`); raw optimizer steps of manual optimization
     (``use_pl_optimizer=False``) are masked too.
 
+    Whenever the masks change (at the first step and after every topology update of any callback) and at every
+    epoch end it logs the ``sparsity/`` curves, among them ``sparsity/empty_channels``: the output channels of the
+    sparse tensors with no active weight, the sign of channel collapse at extreme sparsity
+    (docs/troubleshooting.md).
+
     The masks are :class:`~lightning_sparse.masks.SparseMasks`, public as ``mask_init.masks`` once fit has
     started. They are saved in this callback's state inside Lightning checkpoints, not in the model's
     ``state_dict()``, which keeps exactly the user's keys. The callbacks that move weights
@@ -88,7 +93,7 @@ class MaskInit(Callback, MaskOwner):
         layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard
             as a heatmap image (``sparsity/density_heatmap``, layers x epochs; kept in the checkpoint so a
             resumed run continues the picture); at the end of fit, print a table of the sparse tensors (shape,
-            active weights, density) on rank 0.
+            active weights, density, empty output channels) on rank 0.
 
     Raises:
         ValueError: at construction, for a sparsity outside [0, 1), an unknown distribution, or inconsistent
@@ -446,4 +451,3 @@ def _kept_parameters(pl_module: pl.LightningModule, masks: SparseMasks) -> dict[
         {name: param.shape for name, param in present.items()},
     )
     return present
-
