@@ -57,8 +57,9 @@ class _TwoPieceMax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, a1, a2, b1, b2)
         first = x * a1
         first.add_(b1)
@@ -112,8 +113,9 @@ def two_piece_max(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
         tensor([[0., 2.]])
     """
     if coefficients.shape[-1] != 4:
-        raise ValueError(f"two_piece_max needs 4 coefficients (a1, a2, b1, b2) per channel, got shape "
-                         f"{tuple(coefficients.shape)}.")
+        raise ValueError(
+            f"two_piece_max needs 4 coefficients (a1, a2, b1, b2) per channel, got shape {tuple(coefficients.shape)}."
+        )
     coefficients = coefficients.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)), 4)
     a1, a2, b1, b2 = coefficients.unbind(-1)
     return _TwoPieceMax.apply(x, a1, a2, b1, b2)

@@ -233,8 +233,10 @@ def test_two_piece_max_splits_the_gradient_evenly_on_a_tie_like_amax() -> None:
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert torch.autograd.gradcheck(
         two_piece_max,
-        (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
-         torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)),
+        (
+            torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+        ),
     )
 
 
