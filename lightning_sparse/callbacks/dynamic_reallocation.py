@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
 from lightning_sparse.functional.dsr import dsr_reallocate
 from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
@@ -181,6 +182,7 @@ class DynamicReallocation(Callback):
         self.last_pruned = 0
         self.last_grown = 0
         self.last_drop_fraction = 0.0
+        self._log_gate = ChangeGate()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -231,6 +233,7 @@ class DynamicReallocation(Callback):
         elif self._ever_active is None or set(self._ever_active) != set(masks):
             self._ever_active = {name: mask.clone() for name, mask in masks.items()}
         self._itop_rate = self._count_ever_active() / masks.numel()
+        self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
             f"of {self._total_steps}"
@@ -240,7 +243,7 @@ class DynamicReallocation(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the reallocation curves (host-side numbers only: no device sync)."""
+        """Log the reallocation curves when they changed (host-side numbers only: no device sync)."""
         metrics = {
             "reallocation/updates": float(self.num_updates),
             "reallocation/pruned": float(self.last_pruned),
@@ -253,7 +256,8 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._log_gate.changed(trainer, metrics):
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
