@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_sparse._cli_atomic import AtomicSaveConfigCallback, use_atomic_checkpoints
 from lightning_sparse.classification import ImageClassifier
 from lightning_sparse.export import ExportReport, save_sparse
 
@@ -53,7 +55,14 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        kwargs.setdefault("save_config_callback", AtomicSaveConfigCallback)
         super().__init__(args=args, run=run, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """LightningCLI's Trainer, writing its checkpoints atomically (a failed overwrite keeps the old file)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -7,10 +7,9 @@ Lets the number of active weights rise above the budget and fall back in cycles 
 
 from __future__ import annotations
 
-import math
 import warnings
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -18,11 +17,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse._validation import CycleShape, Distribution, check_choice, check_int, check_real
 from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
-from lightning_sparse.functional.distributions import DISTRIBUTIONS, active_counts, layer_densities
+from lightning_sparse.functional.distributions import active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 
 __all__ = ["CyclicSparsitySchedule"]
@@ -99,39 +99,23 @@ class CyclicSparsitySchedule(Callback):
         cycles: int = 2,
         cycle_length: int | float = 0.2,
         length_multiplier: float = 1.0,
-        shape: Literal["cosine", "triangular"] = "cosine",
+        shape: CycleShape = "cosine",
         every_n_steps: int = 100,
-        distribution: str | None = None,
+        distribution: Distribution | None = None,
         power_scale: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(max_multiplier, bool) or not isinstance(max_multiplier, (int, float)):
-            raise TypeError(f"max_multiplier must be a float, got {type(max_multiplier).__name__}")
-        if not (math.isfinite(max_multiplier) and max_multiplier >= 1.0):
-            raise ValueError(f"max_multiplier is the peak as a multiple of the budget and must be >= 1, got {max_multiplier}")
-        for name, value in (("cycles", cycles), ("every_n_steps", every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.max_multiplier = check_real(
+            max_multiplier, "max_multiplier", low=1.0, what=" (the peak as a multiple of the budget)"
+        )
+        self.cycles = check_int(cycles, "cycles", minimum=1)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
         self.cycle_length = check_schedule_point(cycle_length, "cycle_length", allow_zero=False)
-        if isinstance(length_multiplier, bool) or not isinstance(length_multiplier, (int, float)):
-            raise TypeError(f"length_multiplier must be a float, got {type(length_multiplier).__name__}")
-        if not (math.isfinite(length_multiplier) and length_multiplier > 0):
-            raise ValueError(f"length_multiplier must be > 0, got {length_multiplier}")
-        if shape not in ("cosine", "triangular"):
-            raise ValueError(f"shape must be 'cosine' or 'triangular', got {shape!r}")
-        if distribution is not None and distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)} or None")
-        if power_scale is not None and not power_scale >= 0:
-            raise ValueError(f"power_scale must be >= 0 or None, got {power_scale}")
-        self.max_multiplier = float(max_multiplier)
-        self.cycles = cycles
-        self.length_multiplier = float(length_multiplier)
-        self.shape = shape
-        self.every_n_steps = every_n_steps
-        self.distribution = distribution
-        self.power_scale = power_scale
+        self.length_multiplier = check_real(length_multiplier, "length_multiplier", low=0.0, low_open=True)
+        self.shape = check_choice(shape, "shape", CycleShape)
+        self.distribution = None if distribution is None else check_choice(distribution, "distribution", Distribution)
+        self.power_scale = None if power_scale is None else check_real(power_scale, "power_scale", low=0.0)
+        self._warned_nonfinite = False
 
         self._owner: MaskOwner | None = None
         self._lengths: list[int] = []
@@ -287,6 +271,14 @@ class CyclicSparsitySchedule(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"CyclicSparsitySchedule: skipped the update at step {step}: a sparse tensor's gradient is not "
+                    "finite (nan/inf loss?). Further skips are counted in cyclic/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
         target = self.target_nnz(step)
         new_masks = self._masks_for(masks, target)
@@ -339,10 +331,17 @@ class CyclicSparsitySchedule(Callback):
             for name in shapes
             if fnmatchcase(name, pattern)
         }
+        # Frozen tensors (included by a pattern) keep their count: nothing grown into them could ever train.
+        current = masks.layer_nnz()
+        frozen = [name for name, param in masks.parameters.items() if not param.requires_grad]
+        fixed.update({name: current[name] / masks.numel(name) for name in frozen})
         densities = layer_densities(
             shapes, 1.0 - target / self._numel, distribution, power_scale=power_scale, fixed_densities=fixed
         )
-        return active_counts(shapes, densities, total=target)
+        counts = active_counts(shapes, densities, total=target)
+        for name in frozen:  # guard the rounding: a frozen tensor's count never changes
+            counts[name] = current[name]
+        return counts
 
 
 def _distribution_settings(owner: Any) -> dict[str, Any]:

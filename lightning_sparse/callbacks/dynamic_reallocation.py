@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from numbers import Real
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -20,15 +21,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse._validation import Method, check_choice, check_int, check_real, check_seed
 from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
 from lightning_sparse.functional.dsr import dsr_reallocate
-from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
+from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
 
 __all__ = ["DynamicReallocation", "METHODS"]
 
-METHODS = ("dsr", "set", "rigl")
+METHODS: tuple[str, ...] = get_args(Method)
 """The topology-update methods of :class:`DynamicReallocation`."""
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
@@ -123,7 +125,7 @@ class DynamicReallocation(Callback):
 
     def __init__(
         self,
-        method: str = "dsr",
+        method: Method = "dsr",
         every_n_steps: int | PeriodSchedule = 100,
         stop_at: float | None = None,
         prune_target: int | float | None = None,
@@ -133,9 +135,7 @@ class DynamicReallocation(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}")
-        self.method = method
+        self.method = check_choice(method, "method", Method)
         self.schedule = _as_schedule(every_n_steps)
         self.stop_at = _DEFAULT_STOP_AT[method] if stop_at is None else _check_stop_at(stop_at)
 
@@ -149,27 +149,24 @@ class DynamicReallocation(Callback):
                 "tolerance are DSR's, drop_fraction is SET's zeta and RigL's alpha)"
             )
         self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
-        self.initial_threshold = 1e-3 if initial_threshold is None else float(initial_threshold)
-        if not (math.isfinite(self.initial_threshold) and self.initial_threshold > 0):
-            raise ValueError(f"initial_threshold (DSR's H0) must be a finite number > 0, got {initial_threshold}")
-        self.tolerance = 0.1 if tolerance is None else float(tolerance)
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"tolerance (DSR's delta) must be a finite number >= 0, got {tolerance}")
-        self.drop_fraction = 0.3 if drop_fraction is None else float(drop_fraction)
-        if not 0.0 < self.drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
+        self.initial_threshold = check_real(
+            1e-3 if initial_threshold is None else initial_threshold, "initial_threshold", low=0.0, low_open=True,
+            what=" (DSR's H0)",
+        )
+        self.tolerance = check_real(0.1 if tolerance is None else tolerance, "tolerance", low=0.0, what=" (DSR's delta)")
+        self.drop_fraction = check_real(
+            0.3 if drop_fraction is None else drop_fraction, "drop_fraction", low=0.0, high=1.0, low_open=True
+        )
+        self.seed = check_seed(seed)
 
         self._generator = torch.Generator().manual_seed(seed)
         self._threshold = self.initial_threshold
         self._owner: MaskOwner | None = None
         self._total_steps = 0
         self._stop_step = 0
-        self._ever_active: dict[str, Tensor] | None = None
         self._checkpoint_ever_active: dict[str, Tensor] | None = None
         self._itop_rate = 0.0
+        self._warned_nonfinite = False
         self.num_updates = 0
         """Updates that ran (including DSR updates that pruned nothing)."""
         self.num_skipped_nonfinite = 0
@@ -197,10 +194,14 @@ class DynamicReallocation(Callback):
 
     @property
     def ever_active(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool tensor of the positions that have been active at some point of training."""
-        if self._ever_active is None:
+        """Parameter name -> bool tensor of the positions that have been active at some point of training.
+
+        Kept by the masks themselves (:attr:`SparseMasks.ever_active <lightning_sparse.masks.SparseMasks.ever_active>`),
+        so changes made by any callback count.
+        """
+        if self._owner is None:
             raise RuntimeError("DynamicReallocation tracks active positions from the start of training on")
-        return dict(self._ever_active)
+        return self._masks().ever_active
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -223,16 +224,10 @@ class DynamicReallocation(Callback):
         self._total_steps = max(int(total), 1)
         self._stop_step = max(round(self.stop_at * self._total_steps), 1)
         masks = self._masks()
-        if self._checkpoint_ever_active is not None:
-            check_masks_fit(self._checkpoint_ever_active, {name: mask.shape for name, mask in masks.items()})
-            self._ever_active = {
-                name: self._checkpoint_ever_active[name].to(device=mask.device, dtype=torch.bool) | mask
-                for name, mask in masks.items()
-            }
+        if self._checkpoint_ever_active is not None:  # checkpoints written before the masks kept this history
+            masks.merge_ever_active_(self._checkpoint_ever_active)
             self._checkpoint_ever_active = None
-        elif self._ever_active is None or set(self._ever_active) != set(masks):
-            self._ever_active = {name: mask.clone() for name, mask in masks.items()}
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
         self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
@@ -275,11 +270,6 @@ class DynamicReallocation(Callback):
             "last_grown": self.last_grown,
             "last_drop_fraction": self.last_drop_fraction,
             "generator_state": self._generator.get_state(),
-            "ever_active": (
-                {name: mask.detach().cpu().clone() for name, mask in self._ever_active.items()}
-                if self._ever_active is not None
-                else None
-            ),
         }
 
     @override
@@ -338,6 +328,14 @@ class DynamicReallocation(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"DynamicReallocation: skipped the update at step {step}: a sparse tensor's gradient is not finite "
+                    "(nan/inf loss?). Further skips are counted in reallocation/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
 
         expected_nnz = masks.nnz()
@@ -359,17 +357,18 @@ class DynamicReallocation(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        for name, mask in masks.items():
-            self._ever_active[name] |= mask
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
         self.num_updates += 1
         self.last_update_step = step
         self.last_pruned = pruned
         self.last_grown = grown
 
     def _dsr(self, masks: SparseMasks, active: int) -> tuple[dict[str, Tensor], int, int]:
-        names = list(masks)
         params = masks.parameters
+        # Frozen tensors (included by a pattern) keep their masks: nothing grown into them could ever train.
+        names = [name for name in masks if params[name].requires_grad]
+        if not names:
+            return {}, 0, 0
         target = self.prune_target if isinstance(self.prune_target, int) else round(self.prune_target * active)
         result = dsr_reallocate(
             [params[name].detach() for name in names],
@@ -396,8 +395,8 @@ class DynamicReallocation(Callback):
         grown: list[Tensor] = []
         for name, nnz in masks.layer_nnz().items():
             param, mask = params[name], masks[name]
-            if nnz == 0:
-                continue
+            if nnz == 0 or not param.requires_grad:
+                continue  # frozen tensors keep their masks: nothing grown into them could ever train
             if use_gradient:
                 if param.grad is None:
                     continue  # unused in this step: nothing to rank growth by (see the class docstring)
@@ -414,31 +413,23 @@ class DynamicReallocation(Callback):
         counts = torch.stack([torch.stack(dropped).sum(), torch.stack(grown).sum()]).tolist()
         return new_masks, int(counts[0]), int(counts[1])
 
-    def _count_ever_active(self) -> int:
-        assert self._ever_active is not None
-        return int(torch.stack([torch.count_nonzero(mask) for mask in self._ever_active.values()]).sum())
-
 
 def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
     if isinstance(every_n_steps, PeriodSchedule):
         return every_n_steps
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+    try:
+        return ConstantPeriod(check_int(every_n_steps, "every_n_steps", minimum=1))
+    except TypeError:
         raise TypeError(
-            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {type(every_n_steps).__name__}"
-        )
-    if every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be >= 1 optimizer step, got {every_n_steps}")
-    return ConstantPeriod(every_n_steps)
+            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {every_n_steps!r}"
+        ) from None
 
 
 def _check_stop_at(stop_at: float) -> float:
-    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)):
-        raise TypeError(f"stop_at must be a float in (0, 1], got {type(stop_at).__name__}")
-    if not 0.0 < stop_at <= 1.0:
-        raise ValueError(
-            f"stop_at is the fraction of training after which the masks are fixed and must be in (0, 1], got {stop_at}"
-        )
-    return float(stop_at)
+    return check_real(
+        stop_at, "stop_at", low=0.0, high=1.0, low_open=True,
+        what=" (the fraction of training after which the masks are fixed)",
+    )
 
 
 def _check_prune_target(prune_target: int | float) -> int | float:
@@ -446,7 +437,7 @@ def _check_prune_target(prune_target: int | float) -> int | float:
 
     Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
     """
-    if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
+    if isinstance(prune_target, bool) or not isinstance(prune_target, Real):
         raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
     if 0.0 < prune_target < 1.0:
         return float(prune_target)

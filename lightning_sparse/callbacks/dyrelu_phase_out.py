@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sparse._validation import check_int
 from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
@@ -125,8 +126,7 @@ class DyReLUPhaseOut(Callback):
             raise ValueError(f"end ({end}) must not come before start ({start})")
         if example_input is not None and not isinstance(example_input, Tensor):
             raise TypeError(f"example_input must be a torch.Tensor batch, got {type(example_input).__name__}")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        reduction = check_int(reduction, "reduction", minimum=1)
         self.example_input = example_input
         self.channels = dict(channels) if channels is not None else None
         self.reduction = reduction
