@@ -22,8 +22,12 @@ first batch size and thread count) attributes the time above dense to the librar
 
 Usage::
 
-    python benchmarks/step_overhead.py           # full: 2 models x batch 64/256 x 1/2 threads (see --help)
-    python benchmarks/step_overhead.py --quick   # a tiny CNN, seconds
+    python benchmarks/step_overhead.py           # full: 2 models x batch 64/256 x 1/2 threads, 1 run pair each
+    python benchmarks/step_overhead.py --quick   # a tiny CNN (about a minute on a loaded machine)
+    python benchmarks/step_overhead.py --models resnet18 --batch-size 64 --threads 1 2   # the headline rows
+
+The full default needs about 4 CPU-minutes (16 short fits and the profile): about 5 minutes on an idle 2-core
+machine, far longer while other jobs share the cores. Raise ``--repeats`` on a quiet machine.
 """
 
 from __future__ import annotations
