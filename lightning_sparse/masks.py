@@ -77,6 +77,7 @@ class SparseMasks(Mapping[str, Tensor]):
         self._uses = {name: int((uses or {}).get(name, 1)) for name in self._params}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._multipliers: list[Tensor] | None = None
+        self._nnz_cache: tuple[int, dict[str, int]] | None = None
         self.version = 0
         """Incremented at every mask change; lets observers (loggers) notice changes cheaply."""
         self._budget_holder: str | None = None
@@ -111,13 +112,15 @@ class SparseMasks(Mapping[str, Tensor]):
     def nnz(self, name: str | None = None) -> int:
         """Number of active weights in one tensor, or in all sparse tensors."""
         if name is not None:
-            return int(torch.count_nonzero(self._masks[name]))
+            return self.layer_nnz()[name] if name in self._masks else int(torch.count_nonzero(self._masks[name]))
         return int(sum(counts for counts in self.layer_nnz().values()))
 
     def layer_nnz(self) -> dict[str, int]:
-        """Active weights per tensor (one device sync for all tensors)."""
-        counts = torch.stack([torch.count_nonzero(mask).cpu() for mask in self._masks.values()]).tolist()
-        return dict(zip(self._masks, (int(c) for c in counts)))
+        """Active weights per tensor (one device sync for all tensors; cached until the masks change)."""
+        if self._nnz_cache is None or self._nnz_cache[0] != self.version:
+            counts = torch.stack([torch.count_nonzero(mask).cpu() for mask in self._masks.values()]).tolist()
+            self._nnz_cache = (self.version, dict(zip(self._masks, (int(c) for c in counts))))
+        return dict(self._nnz_cache[1])
 
     def numel(self, name: str | None = None) -> int:
         """Number of positions in one tensor, or in all sparse tensors."""
@@ -222,6 +225,14 @@ class SparseMasks(Mapping[str, Tensor]):
             ]
         return self._multipliers
 
+    def _refresh_multipliers(self, names: Iterable[str]) -> None:
+        # In place: no new allocation (and page faults) for tensors the size of the model at every update.
+        if self._multipliers is None:
+            return
+        index = {name: position for position, name in enumerate(self._params)}
+        for name in names:
+            self._multipliers[index[name]].copy_(self._masks[name])
+
     @torch.no_grad()
     def apply_(self) -> None:
         """Set every masked weight to exactly 0 (one batched pass over all sparse tensors)."""
@@ -241,8 +252,15 @@ class SparseMasks(Mapping[str, Tensor]):
 
     def grads_are_finite(self) -> bool:
         """Whether every sparse parameter's gradient is finite (one device sync)."""
-        checks = [torch.isfinite(p.grad).all() for p in self._params.values() if p.grad is not None]
-        return bool(torch.stack(checks).all()) if checks else True
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if not grads:
+            return True
+        # A sum is finite when every entry is (a read-only pass, ~8x cheaper than isfinite(...).all() on resnet18);
+        # a non-finite sum can also come from finite entries that overflow, so those tensors are checked exactly.
+        sums = torch.stack([grad.sum(dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+                            for grad in grads])
+        suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+        return all(bool(torch.isfinite(grads[index]).all()) for index in suspects)
 
     @torch.no_grad()
     def reset_optimizer_state_(self, positions: Mapping[str, Tensor] | None = None) -> None:
@@ -309,28 +327,38 @@ class SparseMasks(Mapping[str, Tensor]):
             ValueError: for a wrong shape, or when the new total differs from ``expected_nnz``.
         """
         changed: dict[str, Tensor] = {}
+        checked: dict[str, Tensor] = {}
         for name, new_mask in new_masks.items():
             if name not in self._masks:
                 raise KeyError(f"{name!r} is not a sparse parameter; sparse parameters: {list(self._masks)}")
             new_mask = new_mask.to(device=self._masks[name].device, dtype=torch.bool)
             _check_mask_shape(name, new_mask, self._params[name])
+            checked[name] = new_mask
             changed[name] = new_mask ^ self._masks[name]
+        # All counts (new active per tensor, changed per tensor) in one device sync.
+        counts = torch.stack(
+            [torch.count_nonzero(mask).cpu() for mask in checked.values()]
+            + [torch.count_nonzero(where).cpu() for where in changed.values()]
+        ).tolist() if checked else []
+        new_counts = dict(zip(checked, (int(c) for c in counts[: len(checked)])))
+        changed_counts = dict(zip(changed, (int(c) for c in counts[len(checked) :])))
+        old_counts = self.layer_nnz()
         if expected_nnz is not None:
-            counts = self.layer_nnz()
-            new_total = sum(int(new_masks[n].sum()) if n in new_masks else counts[n] for n in self._masks)
+            new_total = sum(new_counts.get(n, old_counts[n]) for n in self._masks)
             if new_total != expected_nnz:
                 raise ValueError(f"mask update would leave {new_total} active weights, the budget is {expected_nnz}")
-        for name, new_mask in new_masks.items():
-            self._masks[name].copy_(new_mask.to(device=self._masks[name].device, dtype=torch.bool))
+        for name, new_mask in checked.items():
+            self._masks[name].copy_(new_mask)
             # Both pruned and grown positions restart from 0 (grown weights start at value 0).
             self._params[name].data.masked_fill_(changed[name], 0)
-        self._multipliers = None
+        self._refresh_multipliers(checked)
         self.reset_optimizer_state_(changed)
         self.apply_()
         for name in new_masks:
             self._ever_active[name] |= self._masks[name]
         self.version += 1
-        return {name: int(where.sum()) for name, where in changed.items()}
+        self._nnz_cache = (self.version, {**old_counts, **new_counts})
+        return changed_counts
 
     # ------------------------------------------------------------------------------------- state and DDP
     def state_dict(self) -> dict[str, Any]:

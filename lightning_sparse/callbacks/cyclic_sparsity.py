@@ -18,6 +18,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
 from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
@@ -153,6 +154,7 @@ class CyclicSparsitySchedule(Callback):
         self.last_target_nnz = 0
         self.last_realised_nnz = 0
         self._numel = 0
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -213,6 +215,7 @@ class CyclicSparsitySchedule(Callback):
         self._lengths = cycle_lengths(first, self.cycles, self.length_multiplier)
         masks = self._masks()
         self._numel = masks.numel()
+        self._log_gate.reset()
         if self._budget is None:
             self._budget = masks.nnz()
             self.last_target_nnz = self.last_realised_nnz = self._budget
@@ -231,20 +234,18 @@ class CyclicSparsitySchedule(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the target and realised densities and the counters (host-side numbers only: no device sync)."""
+        """Log the target and realised densities and the counters when they changed (host numbers: no device sync)."""
         if not self._numel:
             return
-        pl_module.log_dict(
-            {
-                "cyclic/target_density": self.last_target_nnz / self._numel,
-                "cyclic/realised_density": self.last_realised_nnz / self._numel,
-                "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
-                "cyclic/updates": float(self.num_updates),
-                "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            "cyclic/target_density": self.last_target_nnz / self._numel,
+            "cyclic/realised_density": self.last_realised_nnz / self._numel,
+            "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
+            "cyclic/updates": float(self.num_updates),
+            "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
+        }
+        if self._log_gate.changed(trainer, metrics):
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------------------ state
     @override

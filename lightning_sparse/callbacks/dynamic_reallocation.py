@@ -22,6 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.functional.channels import resolve_growth_rule
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
@@ -233,6 +234,7 @@ class DynamicReallocation(Callback):
         self.last_pruned = 0
         self.last_grown = 0
         self.last_drop_fraction = 0.0
+        self._log_gate = ChangeGate()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -281,6 +283,7 @@ class DynamicReallocation(Callback):
             masks.merge_ever_active_(self._checkpoint_ever_active)
             self._checkpoint_ever_active = None
         self._itop_rate = masks.itop_rate()
+        self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
             f"of {self._total_steps}"
@@ -290,7 +293,7 @@ class DynamicReallocation(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the reallocation curves (host-side numbers only: no device sync)."""
+        """Log the reallocation curves when they changed (host-side numbers only: no device sync)."""
         metrics = {
             "reallocation/updates": float(self.num_updates),
             "reallocation/pruned": float(self.last_pruned),
@@ -303,7 +306,8 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._log_gate.changed(trainer, metrics):
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------------------ state
     @override

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sparse._validation import check_int
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 from lightning_sparse.nn.dyrelu_conversion import convert_dyrelu_to_relu, convert_relu_to_dyrelu, dyrelu_modules
@@ -137,6 +138,8 @@ class DyReLUPhaseOut(Callback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._hook_handles: list[Any] = []
+        self._hyper_parameters: list[nn.Parameter] = []
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -182,6 +185,10 @@ class DyReLUPhaseOut(Callback):
                 f"(step {self._start_step}); put end after start"
             )
         self._advance(trainer.global_step)
+        self._hyper_parameters = [
+            param for dyrelu in dyrelu_modules(pl_module).values() for param in dyrelu.parameters()
+        ]
+        self._log_gate.reset()
         self._remove_hooks()
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
@@ -201,16 +208,16 @@ class DyReLUPhaseOut(Callback):
     ) -> None:
         """Once beta is 0, drop the hyper-networks' gradients so that the optimizer leaves them as they are."""
         if self._beta == 0.0:
-            for dyrelu in dyrelu_modules(pl_module).values():
-                for param in dyrelu.parameters():
-                    param.grad = None
+            for param in self._hyper_parameters:  # listed once at the start of training, not searched every step
+                param.grad = None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log beta (``dyrelu/beta``)."""
-        pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
+        """Log beta (``dyrelu/beta``) when it changed."""
+        if self._log_gate.changed(trainer, {"dyrelu/beta": self._beta}):
+            pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -36,7 +36,7 @@ from lightning_sparse.callbacks._sparsity_logging import (
 from lightning_sparse.functional.distributions import active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, TopologyUpdater, check_masks_fit
 from lightning_sparse.nn.weight_sharing import SharedConv2d, parameter_uses
-from lightning_sparse.optimizer_support import check_state_shapes
+from lightning_sparse.optimizer_support import check_state_shapes, keeps_masked_weights_zero
 from lightning_sparse.selection import frozen_left_out, select_sparse_parameters
 
 
@@ -48,8 +48,12 @@ class MaskInit(Callback, MaskOwner):
     chosen distribution (ALGORITHMS.md §3b), draws exactly that many active positions per tensor from a seeded
     generator, and zeroes the rest. On every optimizer step it zeroes the gradient at masked positions
     (``on_before_optimizer_step``: after backward, DDP averaging and AMP unscaling, before gradient clipping),
-    and after every step it zeroes the masked weights again, so that masked weights and the optimizer state
-    at masked positions stay exactly 0 with any optimizer (ARCHITECTURE.md §4).
+    and after a step it zeroes the masked weights again, so that masked weights and the optimizer state
+    at masked positions stay exactly 0 with any optimizer (ARCHITECTURE.md §4). That re-zeroing pass runs after
+    every step for optimizers it does not know; for the optimizers of
+    :data:`~lightning_sparse.optimizer_support.OPTIMIZER_SUPPORT` (SGD, Adam, AdamW, ...), whose update is provably
+    0 where the weight, the gradient and the state are 0, it runs only on the first step and on steps where the
+    masks changed.
 
     Masks that exist are kept: a second ``trainer.fit`` (or this callback on a new Trainer) continues from the
     trained topology after checking that it fits the model; :meth:`reset_masks` draws new ones at the next fit. A
@@ -89,7 +93,7 @@ class MaskInit(Callback, MaskOwner):
             the active learnable weights equal ``(1 - sparsity) x`` the size of the unshared model's sparse
             tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (ALGORITHMS.md
             §3d). ``False`` applies ``sparsity`` to the real tensors.
-        log_layer_densities: also log each tensor's density (``sparsity/density/<name>``).
+        log_layer_densities: also log each tensor's density (``sparsity/density/<name>``) at every epoch end.
         layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard
             as a heatmap image (``sparsity/density_heatmap``, layers x epochs; kept in the checkpoint so a
             resumed run continues the picture); at the end of fit, print a table of the sparse tensors (shape,
@@ -158,6 +162,7 @@ class MaskInit(Callback, MaskOwner):
         self._hook_handles: list[Any] = []
         self._last_updated_step = -1
         self._logged_version = -1
+        self._zeroed_version = -1
 
     # ------------------------------------------------------------------------------------------ MaskOwner
     @property
@@ -232,6 +237,7 @@ class MaskInit(Callback, MaskOwner):
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._last_updated_step = -1
         self._logged_version = -1
+        self._zeroed_version = -1
         rank_zero_info(
             f"MaskInit: {len(parameters)} sparse tensors, {self._masks.nnz():,} of {self._masks.numel():,} weights "
             f"active (sparsity {self._masks.sparsity():.4%})" + "".join(f"; {note}" for note in notes)
@@ -277,9 +283,15 @@ class MaskInit(Callback, MaskOwner):
         self.masks.mask_grads_()
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Safety net for optimizers that move weights whose gradient is zero.
+        # Safety net for optimizers that move weights whose gradient is zero. An optimizer of the table in
+        # lightning_sparse.optimizer_support provably leaves masked weights at 0 once their gradients are masked,
+        # so for it the pass (a full sweep over the sparse weights, ~2% of a ResNet step) runs only on the first
+        # step and on steps where the masks changed (issue 14).
         self._lightning_step_pending = False
-        self.masks.apply_()
+        masks = self.masks
+        if masks.version != self._zeroed_version or not keeps_masked_weights_zero(optimizer):
+            masks.apply_()
+            self._zeroed_version = masks.version
 
     def _check_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         # Once per optimizer, before the first step that finds state for a sparse parameter (so before step 2):
@@ -297,10 +309,14 @@ class MaskInit(Callback, MaskOwner):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the sparsity curves when the masks changed (and at the first step)."""
+        """Log the global sparsity curves when the masks changed (and at the first step).
+
+        The per-tensor densities are logged at epoch ends only: every key logged on step is converted by Lightning
+        on every later batch of the epoch, which for a ResNet's 20-odd tensors cost more than the masking (issue 14).
+        """
         if self.masks.version != self._logged_version:
             self._logged_version = self.masks.version
-            log_sparsity(pl_module, self.masks, per_layer=self.log_layer_densities, on_step=True)
+            log_sparsity(pl_module, self.masks, per_layer=False, on_step=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -107,7 +107,7 @@ def dsr_prune(
         rescued = torch.zeros_like(mask).reshape(-1)
         rescued[scores.argmax()] = True
         pruned_masks[index] = pruned & ~rescued.reshape(mask.shape)
-    kept_masks = [mask & ~pruned for mask, pruned in zip(masks, pruned_masks)]
+    kept_masks = [mask ^ pruned for mask, pruned in zip(masks, pruned_masks)]  # pruned is a subset of mask
     return kept_masks, pruned_masks
 
 
@@ -363,7 +363,7 @@ def dsr_reallocate(
     num_pruned = int(pruned_counts.sum())
     counts = allocate_growth(num_pruned, survivors, free_slots, generator)
     new_masks = grow_random(kept, pruned, counts, generator, free_slots=free_slots)
-    grown = [new & ~old for new, old in zip(new_masks, kept)]
+    grown = [new ^ old for new, old in zip(new_masks, kept)]  # kept is a subset of new: one pass, not two
     num_grown = int(counts.sum())
     # grow_random activates exactly counts[l] new positions per layer, so the total is unchanged by construction.
     assert num_grown == num_pruned, f"DSR regrew {num_grown} weights for {num_pruned} pruned."
