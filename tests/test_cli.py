@@ -252,11 +252,14 @@ def test_console_script_fits_a_user_module_with_any_optimizer_and_exports_it(tmp
     ckpt = torch.load(ckpt_path, weights_only=True)
     hparams = ckpt["hyper_parameters"]
     assert (hparams["_class_path"], hparams["channels"], hparams["num_classes"]) == ("tests.test_cli.UserModule", 6, 10)
-    # The optimizer and the scheduler are the ones named on the command line (AdamW's default weight decay 0.01).
+    # The optimizer and the scheduler are the ones named on the command line (AdamW's default weight decay 0.01;
+    # StepLR's default gamma 0.1, stepped at each of the 2 epoch ends).
     (group,) = ckpt["optimizer_states"][0]["param_groups"]
     assert (group["initial_lr"], group["weight_decay"]) == (0.01, 0.01)
     assert "exp_avg_sq" in next(iter(ckpt["optimizer_states"][0]["state"].values()))
-    assert ckpt["lr_schedulers"][0]["step_size"] == 1 and ckpt["lr_schedulers"][0]["_last_lr"] == [0.0025]
+    assert ckpt["lr_schedulers"][0]["step_size"] == 1 and ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx(
+        [0.01 * 0.1**2]
+    )
     (masks,) = [state["masks"] for state in ckpt["callbacks"].values() if "masks" in state]
     assert set(masks) == {"backbone.0.weight", "backbone.3.weight", "head.weight"}
 
@@ -284,7 +287,7 @@ def test_optimizer_flags_that_would_be_ignored_are_parse_errors(tmp_path, capsys
         main(["fit", "--model=tests.test_cli.UserModule", *data])
     assert "UserModule has no configure_optimizers: pass the optimizer" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["fit", "--model=tests.test_cli.UserModule", *data, "--lr_scheduler=torch.optim.lr_scheduler.StepLR"])
+        main(["fit", "--model=tests.test_cli.UserModule", *data, "--lr_scheduler=StepLR", "--lr_scheduler.step_size=1"])
     assert "--lr_scheduler needs an optimizer" in capsys.readouterr().err
 
 
@@ -333,7 +336,7 @@ def test_export_of_a_plain_trainer_checkpoint_with_a_user_module(tmp_path, capsy
 
     # --submodule keeps one attribute, without its prefix.
     report = export_checkpoint(tmp_path / "plain.ckpt", tmp_path / "features.sparse.pt", submodule="features")
-    features = load_sparse(report.path, small_cnn().features)
+    features = load_sparse(report.path, small_cnn().features).eval()
     assert torch.equal(features(images), model.features(images))
 
 
