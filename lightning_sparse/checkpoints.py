@@ -2,7 +2,7 @@
 
 A checkpoint written while the callbacks run holds everything an export needs, whatever the LightningModule:
 the module's ``state_dict`` (its own keys, untouched by the callbacks) and, in the callback states, MaskInit's
-boolean masks keyed by parameter name (docs/architecture.md §4). Nothing here imports the module's class, so a
+boolean masks keyed by parameter name (docs/architecture.md §3). Nothing here imports the module's class, so a
 checkpoint of a user's own module exports without that module being importable. No Lightning import.
 """
 

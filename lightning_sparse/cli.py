@@ -126,11 +126,12 @@ class SparseCLI(LightningCLI):
                 flag for flag, value in (("--optimizer", optimizer), ("--lr_scheduler", lr_scheduler)) if value
             )
             hint = (
-                "set ImageClassifier's own --model.optimizer (sgd/adamw), --model.lr, --model.lr_schedule, ..."
+                f"remove {given} and set ImageClassifier's own --model.optimizer (sgd/adamw), --model.lr, "
+                "--model.lr_schedule, ..."
                 if issubclass(model_class, ImageClassifier)
-                else f"configure it in {name}.configure_optimizers, or remove that method to use {given}"
+                else f"either remove {given} (the optimizer is {name}'s to configure) or remove that method from {name}"
             )
-            parser.error(f"{name} defines configure_optimizers, which {given} would replace; remove {given} and {hint}")
+            parser.error(f"{name} defines configure_optimizers, which {given} would replace: {hint}")
         if lr_scheduler and not optimizer:
             parser.error(
                 "--lr_scheduler needs an optimizer: add --optimizer=torch.optim.SGD --optimizer.lr=0.1 (or another)"
