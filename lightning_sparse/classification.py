@@ -141,6 +141,11 @@ class ImageClassifier(pl.LightningModule):
         """Log the test loss and accuracy."""
         self._shared_step(batch, "test", self.test_acc)
 
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Logits of a batch of images, or of ``(images, labels)`` batches (the labels are not used)."""
+        images = batch if isinstance(batch, Tensor) else batch[0]
+        return self(images)
+
     def configure_optimizers(self) -> Any:
         """The optimizer and, unless ``lr_schedule="none"``, a per-step learning-rate scheduler."""
         if self.optimizer_name == "sgd":
