@@ -9,7 +9,7 @@
 
 The model is always an :class:`~lightning_sparse.classification.ImageClassifier` (its network a ``class_path``);
 the datamodule is any ``LightningDataModule`` given as a ``class_path``; the sparsity callbacks go in
-``trainer.callbacks`` (ECOSYSTEM.md §(c)9).
+``trainer.callbacks`` (docs/ecosystem.md §c.9).
 """
 
 from __future__ import annotations

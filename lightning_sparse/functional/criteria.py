@@ -1,7 +1,7 @@
 """Per-layer drop and grow criteria for dynamic sparse training.
 
 Pure tensor functions (no Lightning): each takes one layer's weight / gradient / mask and returns new boolean
-masks. They implement the building blocks of ALGORITHMS.md §4c: magnitude drop (SET §4b, RigL §4a), gradient
+masks. They implement the building blocks of docs/algorithms.md §4c: magnitude drop (SET §4b, RigL §4a), gradient
 growth (RigL §4a), random growth (SET §4b, DSR §2a) and the cosine-annealed drop fraction (RigL §4a), plus the
 complete per-layer SET and RigL updates.
 
@@ -103,7 +103,7 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 def magnitude_drop(weight: Tensor, mask: Tensor, count: int) -> Tensor:
     """Deactivate the ``count`` active weights with the smallest magnitude.
 
-    The drop criterion of SET (Mocanu et al. 2018, ALGORITHMS.md §4b) and RigL (Evci et al. 2020, §4a). Ties
+    The drop criterion of SET (Mocanu et al. 2018, docs/algorithms.md §4b) and RigL (Evci et al. 2020, §4a). Ties
     in |w| are broken by flat index (lowest index dropped first), which makes the result deterministic on every
     device; RigL's code uses tiny noise instead.
 
@@ -139,8 +139,8 @@ def magnitude_drop(weight: Tensor, mask: Tensor, count: int) -> Tensor:
 def gradient_grow(grad: Tensor, mask: Tensor, count: int, excluded: Tensor | None = None) -> Tensor:
     """Activate the ``count`` inactive positions with the largest gradient magnitude.
 
-    The growth criterion of RigL (Evci et al. 2020, ALGORITHMS.md §4a) and of EAST's cyclic grow phase (§3e).
-    ``grad`` must be the *dense* gradient (ALGORITHMS.md §1): gradients already masked to zero at inactive
+    The growth criterion of RigL (Evci et al. 2020, docs/algorithms.md §4a) and of EAST's cyclic grow phase (§3e).
+    ``grad`` must be the *dense* gradient (docs/algorithms.md §1): gradients already masked to zero at inactive
     positions carry no information. Ties in |grad| are broken by flat index (lowest index first).
 
     Args:
@@ -185,7 +185,7 @@ def random_grow(
 ) -> Tensor:
     """Activate ``count`` positions drawn uniformly at random among inactive, non-excluded positions.
 
-    The growth criterion of SET (ALGORITHMS.md §4b) and DSR (§2a). Drawing is a ``randperm`` over the candidate
+    The growth criterion of SET (docs/algorithms.md §4b) and DSR (§2a). Drawing is a ``randperm`` over the candidate
     list, so every subset of size ``count`` is equally likely. The random numbers are drawn on the generator's
     device (CPU when ``generator`` is None, which uses torch's default generator) and the chosen indices are
     moved to ``mask``'s device, so a CPU generator with a given seed picks the same positions for CPU and CUDA
@@ -266,7 +266,7 @@ def _draw_distinct_candidates(
 def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3) -> float:
     """RigL's cosine-annealed drop fraction f(t) = initial/2 * (1 + cos(pi * t / T_end)), 0 from ``end_step`` on.
 
-    Evci et al. 2020 (ALGORITHMS.md §4a); the default ``initial`` is RigL's alpha = 0.3.
+    Evci et al. 2020 (docs/algorithms.md §4a); the default ``initial`` is RigL's alpha = 0.3.
 
     Args:
         step: Current training step t (>= 0).
@@ -308,7 +308,7 @@ def _net_update(old_mask: Tensor, new_mask: Tensor) -> MaskUpdate:
 def set_update(
     weight: Tensor, mask: Tensor, drop_fraction: float, generator: torch.Generator | None = None
 ) -> MaskUpdate:
-    """One SET prune-and-regrow step for one layer, as re-implemented by DSR (ALGORITHMS.md §4b, §2b).
+    """One SET prune-and-regrow step for one layer, as re-implemented by DSR (docs/algorithms.md §4b, §2b).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates k positions drawn
     uniformly at random among the positions that were inactive before the update (the just-dropped ones are
@@ -341,7 +341,7 @@ def set_update(
 
 
 def rigl_update(weight: Tensor, grad: Tensor, mask: Tensor, drop_fraction: float) -> MaskUpdate:
-    """One RigL prune-and-regrow step for one layer (Evci et al. 2020, ALGORITHMS.md §4a).
+    """One RigL prune-and-regrow step for one layer (Evci et al. 2020, docs/algorithms.md §4a).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates the k positions
     with the largest |grad| among all positions not kept (the just-dropped ones are eligible; a dropped and
