@@ -4,7 +4,8 @@ The code, configs, CLI help, README and tests cite the docs as ``docs/algorithms
 ``docs/architecture.md §4``; a bare ``docs/<file>.md`` names a page, and a Markdown link ``[text](path)`` names a
 file. These tests scan ``lightning_sparse/``, ``examples/``, ``benchmarks/``, ``tests/``, ``README.md`` and ``docs/``
 and fail on a citation whose file or section does not exist. A section exists when the cited page has a Markdown
-heading that starts with it (``## §3e Cyclic sparsity``, ``#### §2d.7 Two definitions of sparsity``).
+heading that starts with it (``## §3e Cyclic sparsity``, ``#### §2d.7 Two definitions of sparsity``, or the numbered
+form ``## 2. The kernel``).
 
 They also fail on any citation of the design notes that are not part of the repository (the upper-case
 ``ARCHITECTURE.md``, ``ALGORITHMS.md``, ``ECOSYSTEM.md``) or of a path outside it (``../shared``).
@@ -37,7 +38,10 @@ _MORE_SECTIONS = re.compile(r"§(" + _SECTION + r")")
 _LEADING_SECTION = re.compile(r"^(" + _SECTION + r")")
 _BARE_DOCS_PAGE = re.compile(r"(?<![\w/.-])(?P<path>docs/[\w./-]*?[\w-]+\.md)(?![\w])")
 _MARKDOWN_LINK = re.compile(r"\]\((?P<target>[^)\s#]+)(?:#[^)\s]*)?\)")
-_HEADING_SECTION = re.compile(r"^ {0,3}#{1,6}[ \t]+§(" + _SECTION + r")(?=[\s:;,.—–-]|$)", re.MULTILINE)
+# `## §3e Cyclic sparsity`, or the numbered form `## 2. The kernel`.
+_HEADING_SECTION = re.compile(
+    r"^ {0,3}#{1,6}[ \t]+(?:§(" + _SECTION + r")(?=[\s:;,.—–-]|$)|(" + _SECTION + r")\.(?=\s))", re.MULTILINE
+)
 _FORBIDDEN = re.compile(r"ARCHITECTURE\.md|ALGORITHMS\.md|ECOSYSTEM\.md|\.\./shared|shared/design|shared/seeds")
 
 
@@ -99,8 +103,8 @@ def find_citations(source: Path, text: str) -> list[Citation]:
 
 
 def page_sections(page: Path) -> set[str]:
-    """The sections of a Markdown page: every heading that starts with ``§<section>``."""
-    return set(_HEADING_SECTION.findall(page.read_text(encoding="utf-8")))
+    """The sections of a Markdown page: every heading that starts with ``§<section>`` or ``<section>.``."""
+    return {marked or numbered for marked, numbered in _HEADING_SECTION.findall(page.read_text(encoding="utf-8"))}
 
 
 def resolve(root: Path, source: Path, cited: str) -> Path | None:
@@ -194,6 +198,7 @@ def tiny_repo(tmp_path: Path) -> Path:
         "# Guide\n\n## §1 Start\n\n## §2 Methods\n\n### §2a First\n\n#### §2a.3 An item\n\nSee [the index](index.md).\n"
     )
     (tmp_path / "docs" / "index.md").write_text("# Index\n\n* [guide](guide.md#2-methods)\n* guide.md §2a\n")
+    (tmp_path / "docs" / "numbered.md").write_text("# Numbered\n\n## 1. Use\n\n## 2. The kernel\n\nVersion 3 is out.\n")
     (tmp_path / "lightning_sparse").mkdir()
     return tmp_path
 
@@ -208,6 +213,7 @@ def test_scanner_accepts_citations_that_resolve(tiny_repo: Path) -> None:
         '"""Implements docs/guide.md §2a, §2a.3 and §1 (see docs/guide.md).\n\n'
         'Wrapped: (docs/guide.md\n    §2); a range docs/guide.md §1-§2.\n"""\n'
         "# a comment (docs/guide.md\n# §2a.3)\n"
+        "# numbered headings count too: docs/numbered.md §2\n"
     )
     assert _problems_for(tiny_repo, code) == []
 
@@ -220,6 +226,7 @@ def test_scanner_accepts_citations_that_resolve(tiny_repo: Path) -> None:
         ("# docs/guide.md §2a.4\n", "docs/guide.md has no section §2a.4"),
         ("# docs/guide.md §2a, §2c\n", "docs/guide.md has no section §2c"),
         ("# (docs/guide.md\n#  §9)\n", "docs/guide.md has no section §9"),
+        ("# docs/numbered.md §3\n", "docs/numbered.md has no section §3"),
         ("# docs/missing.md §1\n", "docs/missing.md does not exist"),
         ("# see docs/missing.md for more\n", "docs/missing.md does not exist"),
         ("# DESIGN.md §(c)9\n", "unreadable section"),
