@@ -9,7 +9,7 @@ scikit-learn's 8x8 digits resized). Every run: the same epochs, SGD Nesterov (lr
 * ``static``: ``MaskInit(sparsity, "erk")`` only; the mask never changes;
 * ``set`` / ``rigl`` / ``dsr``: ``MaskInit`` + ``DynamicReallocation(method, every_n_steps=P)`` (its default stop);
 * ``east``: ``WeightSharing``, ``DyReLUPhaseOut(0.25, 0.5)``, ``MaskInit``, ``CyclicSparsitySchedule(3.0, cycles=2,
-  cycle_length=0.2, every_n_steps=P)`` and ``DynamicReallocation("rigl", every_n_steps=P)`` (ALGORITHMS.md §3).
+  cycle_length=0.2, every_n_steps=P)`` and ``DynamicReallocation("rigl", every_n_steps=P)`` (docs/algorithms.md §3).
 
 P is a twentieth of the run's optimizer steps. For each (method, sparsity) the script reports the mean and standard
 deviation of test accuracy over the seeds and the active weights after training (``MaskInit.masks.nnz()``; dense: all

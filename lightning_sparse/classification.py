@@ -2,7 +2,7 @@
 
 It wraps any image network given as a ``class_path`` (any ``torch.nn.Module`` mapping images to logits), trains
 it with cross-entropy, and offers the optimizers and learning-rate schedules of the papers the library
-reproduces: SGD with momentum, Nesterov and weight decay plus a multi-step schedule (DSR, ALGORITHMS.md §2b; EAST,
+reproduces: SGD with momentum, Nesterov and weight decay plus a multi-step schedule (DSR, docs/algorithms.md §2b; EAST,
 §3f), cosine annealing, or AdamW.
 """
 

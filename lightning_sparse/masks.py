@@ -1,6 +1,6 @@
 """SparseMasks: the single owner of every mask and of the invariants that keep training exactly sparse.
 
-ARCHITECTURE.md §3. A :class:`SparseMasks` is a read-only mapping from a parameter's name (as in
+docs/architecture.md §3. A :class:`SparseMasks` is a read-only mapping from a parameter's name (as in
 ``pl_module.named_parameters()``, never with a DDP ``module.`` prefix) to a bool mask (``True`` = active). Masks
 are not module buffers, so the user's ``state_dict()`` keeps exactly its own keys; they travel in the
 :class:`~lightning_sparse.callbacks.MaskInit` callback state instead.
@@ -36,7 +36,7 @@ class SparseMasks(Mapping[str, Tensor]):
         parameters: parameter name -> the parameter itself, for every sparse parameter.
         masks: parameter name -> bool mask of the same shape (``True`` = active). Copied onto the
             parameter's device.
-        uses: parameter name -> how many places of the model use it (weight sharing, ALGORITHMS.md §3d);
+        uses: parameter name -> how many places of the model use it (weight sharing, docs/algorithms.md §3d);
             1 for unshared parameters. Only used to report the effective density.
         ever_active: parameter name -> bool tensor of the positions active at some earlier point (kept across a
             re-fit or a resume); ``None`` starts from ``masks``. Every later mask change adds to it
@@ -133,7 +133,7 @@ class SparseMasks(Mapping[str, Tensor]):
         return self.nnz() / self.numel()
 
     def sparsity(self) -> float:
-        """``1 - density()``: the sparsity within the sparse tensors (DSR's definition, ALGORITHMS.md §2d.7)."""
+        """``1 - density()``: the sparsity within the sparse tensors (DSR's definition, docs/algorithms.md §2d.7)."""
         return 1.0 - self.density()
 
     def layer_densities(self) -> dict[str, float]:
@@ -141,7 +141,7 @@ class SparseMasks(Mapping[str, Tensor]):
         return {name: count / self._masks[name].numel() for name, count in self.layer_nnz().items()}
 
     def effective_density(self) -> float:
-        """Density counting each shared tensor once per use (EAST's "effective connections", ALGORITHMS.md §3d)."""
+        """Density counting each shared tensor once per use (EAST's "effective connections", docs/algorithms.md §3d)."""
         counts = self.layer_nnz()
         active = sum(counts[name] * self._uses[name] for name in self._masks)
         total = sum(self._masks[name].numel() * self._uses[name] for name in self._masks)
@@ -180,7 +180,7 @@ class SparseMasks(Mapping[str, Tensor]):
     def budget_holder(self) -> str | None:
         """Name of the callback that currently owns the active-weight count, or ``None``.
 
-        ARCHITECTURE.md §3: while a density schedule (EAST's cyclic sparsity) is changing the number of active
+        docs/architecture.md §3: while a density schedule (EAST's cyclic sparsity) is changing the number of active
         weights, it is the only one allowed to; count-preserving updaters (DynamicReallocation) stand aside.
         The holder re-asserts the hold from its own state in its topology updater, which runs first (lower
         ``order``), so the hold needs no checkpointing.
@@ -312,7 +312,7 @@ class SparseMasks(Mapping[str, Tensor]):
         """Replace some masks, keeping every invariant.
 
         Newly masked weights are set to 0; newly activated weights start at 0; the optimizer state at every
-        changed position is zeroed (RigL's choice, ALGORITHMS.md §2d.2 and §4a). Masks are updated in place
+        changed position is zeroed (RigL's choice, docs/algorithms.md §2d.2 and §4a). Masks are updated in place
         (``copy_``), never reassigned, so references held elsewhere stay valid.
 
         Args:
@@ -442,10 +442,10 @@ class MaskOwner(abc.ABC):
 
     The owner masks the gradients on every optimizer step. Callbacks that change the topology register an
     updater, and the owner calls the updaters *before* masking the gradients, whatever the order of the callbacks
-    list, so that gradient-based growth reads the dense gradient (ARCHITECTURE.md §4).
+    list, so that gradient-based growth reads the dense gradient (docs/architecture.md §4).
 
     An owner also says how it shares a budget among tensors, so that a density schedule can re-distribute a new
-    total the same way (EAST's cyclic sparsity, ALGORITHMS.md §3e).
+    total the same way (EAST's cyclic sparsity, docs/algorithms.md §3e).
     """
 
     distribution: str = "erk"

@@ -17,7 +17,7 @@ PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.C
 
 EXEMPT_ATTRIBUTE = "sparsity_exempt"
 """A module with ``sparsity_exempt = True`` keeps its whole subtree dense by default (e.g. DyReLU's hyper-network,
-which EAST trains densely, ALGORITHMS.md §3c)."""
+which EAST trains densely, docs/algorithms.md §3c)."""
 
 
 def _default_sparse_names(module: nn.Module) -> list[str]:

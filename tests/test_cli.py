@@ -383,7 +383,7 @@ def test_wrn28x2_config_is_the_dsr_paper_protocol(tmp_path, monkeypatch):
     assert sum(param.numel() for param in cli.model.network.parameters()) == 1_467_610
     mask_init: MaskInit = _callback(cli, "MaskInit")
     sparse = select_sparse_parameters(cli.model, mask_init.include, mask_init.exclude)
-    # ALGORITHMS.md §2b: the 24 block 3x3 convs (1,451,520 weights) are sparse; stem, shortcuts and FC dense.
+    # docs/algorithms.md §2b: the 24 block 3x3 convs (1,451,520 weights) are sparse; stem, shortcuts and FC dense.
     assert len(sparse) == 24 and sum(param.numel() for param in sparse.values()) == 1_451_520
     assert all(param.shape[-2:] == (3, 3) for param in sparse.values())
     assert "network.conv1.weight" not in sparse and "network.fc.weight" not in sparse

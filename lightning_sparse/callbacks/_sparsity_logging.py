@@ -20,7 +20,7 @@ from lightning_sparse.masks import SparseMasks
 
 
 def sparsity_metrics(pl_module: pl.LightningModule, masks: SparseMasks, per_layer: bool = True) -> dict[str, float]:
-    """The sparsity figures of a model: global (two definitions, ALGORITHMS.md §2d.7), effective, per layer.
+    """The sparsity figures of a model: global (two definitions, docs/algorithms.md §2d.7), effective, per layer.
 
     * ``sparsity/global``: zeros among the sparse tensors (DSR's definition);
     * ``sparsity/global_all_params``: masked weights over all parameters of the model (the ``dst`` package's);

@@ -2,7 +2,7 @@ r"""
 CyclicSparsitySchedule
 ^^^^^^^^^^^^^^^^^^^^^^
 
-Lets the number of active weights rise above the budget and fall back in cycles (EAST, ALGORITHMS.md §3e).
+Lets the number of active weights rise above the budget and fall back in cycles (EAST, docs/algorithms.md §3e).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _UPDATER_ORDER = 0  # before count-preserving reallocation (DynamicReallocation 
 class CyclicSparsitySchedule(Callback):
     r"""EAST's cyclic sparsity: grow above the active-weight budget and prune back to it, ``cycles`` times.
 
-    ALGORITHMS.md §3e (Li et al. 2024). The budget B is the number of active weights when training starts (as
+    docs/algorithms.md §3e (Li et al. 2024). The budget B is the number of active weights when training starts (as
     MaskInit drew them; under weight sharing MaskInit has already applied EAST's budget rule). Inside cycle c, at
     position p in [0, 1), the target is ``round(B x m(p))`` active weights with
     ``m(p) = 1 + (max_multiplier - 1) x (1 - cos 2 pi p) / 2`` (``shape="cosine"``) or
@@ -53,7 +53,7 @@ class CyclicSparsitySchedule(Callback):
     so that count-preserving reallocation stands aside until the budget has been restored. :attr:`holds_budget`
     tells whether it does.
 
-    The updates run inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked (ARCHITECTURE.md
+    The updates run inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked (docs/architecture.md
     §4), so growth reads the dense, DDP-averaged gradient whatever the order of the callbacks list; an update whose
     gradients are not all finite is skipped and counted (a pending return to the budget is retried at the next
     step). Ties are broken by position, so every DDP rank computes the same masks; rank 0's are broadcast as a
@@ -64,7 +64,7 @@ class CyclicSparsitySchedule(Callback):
     output channel and growth ranks positions with ``growth_rule``, so that BatchNorm-inflated gradients of empty
     channels do not capture the growth phase. ``min_active_per_channel=0`` gives the authors' rules exactly.
 
-    Choices where the authors' code is ambiguous (ALGORITHMS.md §3h): the target is a count over the real sparse
+    Choices where the authors' code is ambiguous (docs/algorithms.md §3h): the target is a count over the real sparse
     tensors, the same units as the ERK allocation, instead of the code's comparison of an ERK target with an
     "effective" density that counts shared weights once per use (§3h item 4); each tensor goes exactly to its ERK
     count (the code only grows, or only prunes, all tensors at once, which lets the total drift from the target);

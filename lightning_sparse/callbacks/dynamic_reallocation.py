@@ -48,16 +48,16 @@ class DynamicReallocation(Callback):
 
     Methods:
 
-    * ``"dsr"`` (Mostafa & Wang 2019, ALGORITHMS.md §2a): prune every active weight with ``|w| < H`` (one global
+    * ``"dsr"`` (Mostafa & Wang 2019, docs/algorithms.md §2a): prune every active weight with ``|w| < H`` (one global
       threshold H over all sparse tensors; a layer is never emptied), regrow as many weights, shared out in
       proportion to each layer's surviving weights, at random inactive positions not pruned in this update (value
       0); then ``H <- H / 2`` if more than ``(1 + tolerance) x Np`` were pruned, ``H <- 2 H`` if fewer than
       ``(1 - tolerance) x Np``. Per-layer densities drift; the total is fixed.
-    * ``"set"`` (Mocanu et al. 2018, ALGORITHMS.md §4b): per tensor, drop the fraction ``drop_fraction`` of the
+    * ``"set"`` (Mocanu et al. 2018, docs/algorithms.md §4b): per tensor, drop the fraction ``drop_fraction`` of the
       active weights with the smallest ``|w|`` and regrow as many at random positions that were inactive before
       the update (value 0). A tensor with fewer inactive positions than that replaces only as many as it has (a
       fully dense tensor is left as it is). Per-tensor counts are fixed.
-    * ``"rigl"`` (Evci et al. 2020, ALGORITHMS.md §4a): per tensor, drop ``f(t) x nnz`` active weights with the
+    * ``"rigl"`` (Evci et al. 2020, docs/algorithms.md §4a): per tensor, drop ``f(t) x nnz`` active weights with the
       smallest ``|w|`` and grow the positions with the largest dense-gradient magnitude, where
       ``f(t) = drop_fraction / 2 x (1 + cos(pi t / T_end))`` and ``T_end`` is the ``stop_at`` step. A tensor whose
       gradient is ``None`` at an update step (unused in that step) is left unchanged: there is no gradient to rank
@@ -74,7 +74,7 @@ class DynamicReallocation(Callback):
     When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
     with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
     inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked, so they see the dense,
-    DDP-averaged, AMP-unscaled gradient whatever the order of the callbacks list (ARCHITECTURE.md §4). An update is
+    DDP-averaged, AMP-unscaled gradient whatever the order of the callbacks list (docs/architecture.md §4). An update is
     skipped, and counted, when a sparse tensor's gradient is not finite, and while another callback holds the mask
     budget (:meth:`SparseMasks.hold_budget <lightning_sparse.masks.SparseMasks.hold_budget>`; EAST's cyclic density
     schedule does so during its cycles).
@@ -99,10 +99,10 @@ class DynamicReallocation(Callback):
         method: ``"dsr"``, ``"set"`` or ``"rigl"``.
         every_n_steps: the update period in optimizer steps (an int >= 1), or a
             :class:`~lightning_sparse.schedules.PeriodSchedule` such as DSR's stepped period
-            ``SteppedPeriod(100, milestones=[0.125, 0.4, 0.7])`` (ALGORITHMS.md §2b).
+            ``SteppedPeriod(100, milestones=[0.125, 0.4, 0.7])`` (docs/algorithms.md §2b).
         stop_at: fraction of the total optimizer steps (``trainer.estimated_stepping_batches``) in (0, 1] after
             which the masks are fixed. ``None``: 0.95 for DSR and SET (DSR's runs stop at epoch 190 of 200 and 95
-            of 100, ALGORITHMS.md §2b), 0.75 for RigL (§4a).
+            of 100, docs/algorithms.md §2b), 0.75 for RigL (§4a).
         prune_target: DSR's Np, the number of weights the threshold aims to prune per update: a whole number
             >= 1 is a count, a value in (0, 1) a fraction of the active weights at that update. ``None``: 0.1. (The paper's
             WRN-28-2 runs use Np = 20,000, 0.07 to 0.14 of the active weights at 80% to 90% sparsity.) DSR only.
@@ -110,7 +110,7 @@ class DynamicReallocation(Callback):
         tolerance: DSR's delta (>= 0), the band ``[(1 - delta) Np, (1 + delta) Np]`` within which H is kept.
             ``None``: 0.1, as in the paper. DSR only.
         drop_fraction: SET's zeta or RigL's alpha, in (0, 1]. ``None``: 0.3 for both (SET's published default,
-            ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
+            docs/algorithms.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
             SET and RigL only.
         seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
         min_active_per_channel: channel safety (docs/troubleshooting.md): no update drops any of the
@@ -124,9 +124,9 @@ class DynamicReallocation(Callback):
             :data:`~lightning_sparse.functional.channels.GROWTH_RULES`. ``None``: ``"channel_normalized"`` when
             ``min_active_per_channel > 0``, ``"global"`` when it is 0. RigL only.
         drop_fraction_floor: the cosine-annealed fraction decays from ``drop_fraction`` to this value at
-            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, ALGORITHMS.md §3e).
+            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, docs/algorithms.md §3e).
             ``None``: 0. RigL only.
-        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, ALGORITHMS.md §3a)
+        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, docs/algorithms.md §3a)
             for the number of weights a tensor replaces. ``None``: ``"floor"``. SET and RigL only.
 
     Raises:

@@ -2,7 +2,7 @@ r"""
 DyReLUPhaseOut
 ^^^^^^^^^^^^^^
 
-Trains with dynamic ReLU (DyReLU-B) early and blends it back to plain ReLU (EAST, ALGORITHMS.md §3c).
+Trains with dynamic ReLU (DyReLU-B) early and blends it back to plain ReLU (EAST, docs/algorithms.md §3c).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["DyReLUPhaseOut", "phase_out_blend"]
 
 
 def phase_out_blend(step: int, start_step: int, end_step: int) -> float:
-    """EAST's DyReLU blend factor at an optimizer step (ALGORITHMS.md §3c "Phasing").
+    """EAST's DyReLU blend factor at an optimizer step (docs/algorithms.md §3c "Phasing").
 
     ``beta = 1`` up to ``start_step``, ``1 - (step - start_step) / (end_step - start_step)`` in between, and 0 from
     ``end_step`` on. With ``start_step == end_step`` beta drops from 1 to 0 at that step.
@@ -53,14 +53,14 @@ def phase_out_blend(step: int, start_step: int, end_step: int) -> float:
 class DyReLUPhaseOut(Callback):
     r"""Swap a model's ReLUs for DyReLU-B in ``setup``, then phase DyReLU out to ReLU between ``start`` and ``end``.
 
-    EAST (Li et al. 2024; ALGORITHMS.md §3c): every ``nn.ReLU`` module becomes a channel-wise
+    EAST (Li et al. 2024; docs/algorithms.md §3c): every ``nn.ReLU`` module becomes a channel-wise
     :class:`~lightning_sparse.nn.DyReLU` (K = 2, reduction 4, lambdas (1.0, 0.5), initial coefficients
     (1, 0, 0, 0)). Its blend factor beta is 1 until ``start``, falls linearly to 0 at ``end`` and stays 0; at beta = 0
     the unit is exactly ReLU and skips its hyper-network. The model's outputs after ``end`` therefore equal those
     of the same weights with plain ReLU, and :meth:`export_relu` (or ``export_relu_at_end=True``) turns the
     phased-out modules back into ``nn.ReLU`` for export.
 
-    Choices where the authors' code and the paper differ (ALGORITHMS.md §3h item 1): the paper's semantics are
+    Choices where the authors' code and the paper differ (docs/algorithms.md §3h item 1): the paper's semantics are
     implemented, DyReLU from the first step with a linear decay of beta; the latest code's variant (DyReLU active only
     inside the window) is not. Beta advances per optimizer step from ``trainer.global_step`` rather than per epoch, so
     the decay is linear at a finer grain than the code's per-epoch steps; with ``start``/``end`` as whole epochs the

@@ -45,11 +45,11 @@ class MaskInit(Callback, MaskOwner):
 
     At the start of fit, MaskInit selects the sparse parameters (by default the weights of every Conv1d/2d/3d
     and Linear layer), shares the active-weight budget ``(1 - sparsity) x`` their size out among them with the
-    chosen distribution (ALGORITHMS.md §3b), draws exactly that many active positions per tensor from a seeded
+    chosen distribution (docs/algorithms.md §3b), draws exactly that many active positions per tensor from a seeded
     generator, and zeroes the rest. On every optimizer step it zeroes the gradient at masked positions
     (``on_before_optimizer_step``: after backward, DDP averaging and AMP unscaling, before gradient clipping),
     and after a step it zeroes the masked weights again, so that masked weights and the optimizer state
-    at masked positions stay exactly 0 with any optimizer (ARCHITECTURE.md §4). That re-zeroing pass runs after
+    at masked positions stay exactly 0 with any optimizer (docs/architecture.md §4). That re-zeroing pass runs after
     every step for optimizers it does not know; for the optimizers of
     :data:`~lightning_sparse.optimizer_support.OPTIMIZER_SUPPORT` (SGD, Adam, AdamW, ...), whose update is provably
     0 where the weight, the gradient and the state are 0, it runs only on the first step and on steps where the
@@ -91,7 +91,7 @@ class MaskInit(Callback, MaskOwner):
             :class:`~lightning_sparse.nn.SharedConv2d` modules (:class:`WeightSharing`), not for plain weight tying.
             ``True``: for any parameter used in several places, apply EAST's budget rule:
             the active learnable weights equal ``(1 - sparsity) x`` the size of the unshared model's sparse
-            tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (ALGORITHMS.md
+            tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (docs/algorithms.md
             §3d). ``False`` applies ``sparsity`` to the real tensors.
         log_layer_densities: also log each tensor's density (``sparsity/density/<name>``) at every epoch end.
         layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard

@@ -2,7 +2,7 @@ r"""
 WeightSharing
 ^^^^^^^^^^^^^
 
-Lets the later blocks of each residual stage reuse one block's conv weights (EAST, ALGORITHMS.md §3d).
+Lets the later blocks of each residual stage reuse one block's conv weights (EAST, docs/algorithms.md §3d).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class WeightSharing(Callback):
     In every residual stage of ``min_blocks`` or more structurally identical blocks, each block after
     ``source_block`` reuses the source block's conv weights (the same ``Parameter``, hence one mask and the summed
     gradient of every user), each use scaled by its own learnable scalar; BatchNorm, activations and shortcut convs
-    are not shared (ALGORITHMS.md §3d). EAST's default is ``source_block=1``: blocks 3..n of a stage reuse block 2.
+    are not shared (docs/algorithms.md §3d). EAST's default is ``source_block=1``: blocks 3..n of a stage reuse block 2.
 
     The transform runs in ``setup``, before the optimizers are built, so ``configure_optimizers`` sees the shared
     model. It is idempotent: a model that already shares weights (a second ``fit``, or a resume in the same

@@ -2,7 +2,7 @@
 
 Given the shapes of the sparse tensors and a global sparsity ``s``, these functions decide how many
 weights each tensor keeps. ERK follows RigL's exact procedure (Evci et al. 2020, `rigl/sparse_utils.py`;
-ALGORITHMS.md §3b): a layer whose density would exceed 1 becomes dense and epsilon is solved again, until no
+docs/algorithms.md §3b): a layer whose density would exceed 1 becomes dense and epsilon is solved again, until no
 layer overflows. The total number of active weights is ``(1 - s)`` times the total size of the sparse tensors.
 
 No Lightning import: these are pure functions usable without a Trainer.
@@ -27,7 +27,7 @@ def _validate_sparsity(sparsity: float, what: str = "sparsity") -> None:
 
 
 def erdos_renyi_score(shape: Sequence[int], kernel: bool = True) -> float:
-    """Raw Erdős–Rényi score of one tensor: ``sum(dims) / prod(dims)`` (ALGORITHMS.md §3b).
+    """Raw Erdős–Rényi score of one tensor: ``sum(dims) / prod(dims)`` (docs/algorithms.md §3b).
 
     With ``kernel=True`` (ERK) a conv weight ``(c_out, c_in, k_h, k_w)`` scores
     ``(c_out + c_in + k_h + k_w) / (c_out * c_in * k_h * k_w)``. With ``kernel=False`` (plain ER) only the
@@ -69,7 +69,7 @@ def layer_densities(
         power_scale: exponent applied to the raw ER/ERK scores (RigL's ``erk_power_scale``; 1.0 = plain ERK,
             0.0 = uniform).
         fixed_densities: tensor name -> density for tensors whose density is fixed by the user. They take
-            their share of the global budget first and are left out of the epsilon fit (ALGORITHMS.md §3b).
+            their share of the global budget first and are left out of the epsilon fit (docs/algorithms.md §3b).
 
     Returns:
         Tensor name -> density in (0, 1], in the order of ``shapes``.

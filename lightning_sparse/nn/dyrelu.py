@@ -1,8 +1,8 @@
 """Channel-wise dynamic ReLU (DyReLU-B) with a blend factor toward plain ReLU.
 
 Implements Chen et al. 2020, "Dynamic ReLU", variant B (coefficients shared over space, one set per channel), as
-used by EAST (Li et al. 2024) and specified in ALGORITHMS.md §3c. The blend factor ``beta`` implements EAST's
-phase-out (ALGORITHMS.md §3c "Phasing", §3h item 1: paper semantics, DyReLU from the start, blended to ReLU).
+used by EAST (Li et al. 2024) and specified in docs/algorithms.md §3c. The blend factor ``beta`` implements EAST's
+phase-out (docs/algorithms.md §3c "Phasing", §3h item 1: paper semantics, DyReLU from the start, blended to ReLU).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def validate_blend(beta: float) -> float:
     """Check a DyReLU blend factor and return it as a Python float.
 
     Args:
-        beta: Blend factor; 1 = pure DyReLU, 0 = exactly ReLU (ALGORITHMS.md §3c).
+        beta: Blend factor; 1 = pure DyReLU, 0 = exactly ReLU (docs/algorithms.md §3c).
 
     Returns:
         ``beta`` as a ``float``.
@@ -93,7 +93,7 @@ class _TwoPieceMax(torch.autograd.Function):
 
 
 def two_piece_max(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``y = max(a^1 x + b^1, a^2 x + b^2)`` per sample and channel: DyReLU's output for K = 2 (ALGORITHMS.md §3c).
+    """``y = max(a^1 x + b^1, a^2 x + b^2)`` per sample and channel: DyReLU's output for K = 2 (docs/algorithms.md §3c).
 
     Computes the same values as ``(x[..., None] * slopes + offsets).amax(-1)`` and the same gradients (amax's, an
     even split on a tie), but keeps only ``x`` and the coefficients for backward instead of the two pieces and
@@ -124,7 +124,7 @@ def two_piece_max(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
 class DyReLU(nn.Module):
     """Dynamic ReLU, variant B: per-channel piecewise-linear activation predicted from the input.
 
-    For an input ``x`` of shape ``(N, C, *spatial)`` (Chen et al. 2020 DyReLU-B; ALGORITHMS.md §3c):
+    For an input ``x`` of shape ``(N, C, *spatial)`` (Chen et al. 2020 DyReLU-B; docs/algorithms.md §3c):
 
     1. ``z = mean(x, spatial dims)`` (shape ``(N, C)``; for a 2-D input ``z = x``);
     2. ``theta = 2 * sigmoid(fc2(relu(fc1(z)))) - 1`` with ``fc1: C -> max(1, C // reduction)`` and
@@ -134,10 +134,10 @@ class DyReLU(nn.Module):
     5. ``y = max_k (a^k * x + b^k)``.
 
     With ``beta == 0`` the module returns ``torch.relu(x)`` and does not run its hyper-network, so a phased-out
-    model has no dense per-input offset computations at inference (ALGORITHMS.md §3c "Inference").
+    model has no dense per-input offset computations at inference (docs/algorithms.md §3c "Inference").
 
     The hyper-network layers ``fc1``/``fc2`` are ordinary dense ``nn.Linear`` layers; sparsity tooling should exclude
-    every parameter under a DyReLU module (EAST never masks them, ALGORITHMS.md §3c).
+    every parameter under a DyReLU module (EAST never masks them, docs/algorithms.md §3c).
 
     Args:
         channels: Number of input channels C (size of dim 1 of the input).
@@ -158,7 +158,7 @@ class DyReLU(nn.Module):
     """
 
     sparsity_exempt = True
-    """Its hyper-network is trained densely and never masked (ALGORITHMS.md §3c); MaskInit skips it by default."""
+    """Its hyper-network is trained densely and never masked (docs/algorithms.md §3c); MaskInit skips it by default."""
 
 
     def __init__(
@@ -222,7 +222,7 @@ class DyReLU(nn.Module):
             x: Input of shape ``(N, C, *spatial)``.
 
         Returns:
-            Tensor of shape ``(N, C, 2K)`` (ALGORITHMS.md §3c steps 1-5).
+            Tensor of shape ``(N, C, 2K)`` (docs/algorithms.md §3c steps 1-5).
         """
         self._check_input(x)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x

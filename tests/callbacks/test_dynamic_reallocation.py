@@ -330,7 +330,7 @@ def test_reallocation_curves_reach_tensorboard(tmp_path):
 
 
 def test_dsr_threshold_follows_the_prune_count(tmp_path):
-    # A count target far above what H0 prunes doubles H at every update (Mostafa & Wang 2019, ALGORITHMS.md §2a).
+    # A count target far above what H0 prunes doubles H at every update (Mostafa & Wang 2019, docs/algorithms.md §2a).
     _, _, _, realloc, _ = _fit(tmp_path, "dsr", every_n_steps=2, stop_at=1.0, prune_target=10_000)
     assert realloc.threshold == pytest.approx(0.05 * 2**3)
     assert adapt_threshold(0.05, realloc.last_pruned, 10_000) == 0.1

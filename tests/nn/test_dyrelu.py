@@ -1,4 +1,4 @@
-"""Tests for DyReLU-B and its blend factor (ALGORITHMS.md §3c)."""
+"""Tests for DyReLU-B and its blend factor (docs/algorithms.md §3c)."""
 
 from __future__ import annotations
 
