@@ -99,7 +99,8 @@ def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, sp
             k += 4
         while k < end:
             v = values[k]
-            window = x[first + offsets[k] : first + offsets[k] + span]  # a slice (not x[start + p]) lets LLVM vectorise the loop
+            # A slice (not x[start + p]) lets LLVM vectorise the loop.
+            window = x[first + offsets[k] : first + offsets[k] + span]
             for p in range(span):
                 acc[p] += v * window[p]
             k += 1
@@ -352,7 +353,9 @@ def sparse_conv2d(
     return out.squeeze(0) if unbatched else out
 
 
-def sparse_linear(x: Tensor, packed: PackedSparseWeight, bias: Tensor | None = None, batch_inner: bool = True) -> Tensor:
+def sparse_linear(
+    x: Tensor, packed: PackedSparseWeight, bias: Tensor | None = None, batch_inner: bool = True
+) -> Tensor:
     """``x @ weight.T + bias`` over the active weights only (CSR x dense); ``x`` is ``(..., in_features)``."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1], 1, 1)

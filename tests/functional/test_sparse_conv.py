@@ -35,7 +35,8 @@ CONV_CASES = {
     "groups 2": dict(in_channels=6, out_channels=4, kernel_size=3, padding=1, groups=2),
     "rectangular, mixed stride": dict(in_channels=3, out_channels=4, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0)),
     "no padding": dict(  # and no bias
-        in_channels=4, out_channels=4, kernel_size=3),
+        in_channels=4, out_channels=4, kernel_size=3
+    ),
     "reflect padding": dict(in_channels=4, out_channels=3, kernel_size=3, padding=1, padding_mode="reflect"),
     "circular padding": dict(in_channels=4, out_channels=3, kernel_size=3, padding=2, padding_mode="circular"),
     "padding same": dict(in_channels=4, out_channels=3, kernel_size=4, padding="same"),
@@ -64,7 +65,9 @@ def test_sparse_conv2d_extreme_densities(density):
     x = torch.randn(2, 16, 8, 8)
     packed = pack_conv2d_weight(conv.weight)
     assert packed.nnz == int((conv.weight != 0).sum())
-    torch.testing.assert_close(sparse_conv2d(x, packed, conv.bias, (1, 1, 1, 1)), conv(x).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sparse_conv2d(x, packed, conv.bias, (1, 1, 1, 1)), conv(x).detach(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sparse_conv2d_unbatched_input():
