@@ -22,6 +22,8 @@ rewritten after every configuration so an interrupted run keeps what it measured
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import sys
 import time
@@ -157,6 +159,42 @@ def run_config(args: argparse.Namespace, model_name: str, sparsity: float, batch
     }
 
 
+def crossovers(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Per layer shape, model, batch and threads: the measured (density, dense / sparse) points and the crossover.
+
+    The crossover density is where dense / fastest-sparse crosses 1, interpolated linearly in log-log between the two
+    measured densities that bracket it (None when every point is on one side).
+    """
+    points: dict[tuple[Any, ...], dict[float, list[float]]] = {}
+    for row in rows:
+        for layer in row["layers"]:
+            times = layer["times_ms"]
+            sparse = [t for c, t in times.items() if c != "dense"]
+            if not sparse or "dense" not in times or layer["input_shape"] is None:
+                continue
+            key = (
+                row["model"],
+                row["batch"],
+                row["threads"],
+                "x".join(str(d) for d in layer["weight_shape"]),
+                "x".join(str(d) for d in layer["input_shape"][1:]),
+            )
+            points.setdefault(key, {}).setdefault(round(layer["density"], 5), []).append(times["dense"] / min(sparse))
+    table = []
+    for key, by_density in sorted(points.items()):
+        measured = sorted((density, statistics.median(ratios)) for density, ratios in by_density.items())
+        crossover = None
+        for (d0, r0), (d1, r1) in zip(measured, measured[1:]):
+            if (r0 - 1) * (r1 - 1) <= 0 and r0 != r1:
+                # log r is linear in log d between the two points; solve log r = 0.
+                t = math.log(r0) / (math.log(r0) - math.log(r1))
+                crossover = math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+                break
+        text = ", ".join(f"{d:.4f}: {r:.2f}x" for d, r in measured)
+        table.append((*key, text, "-" if crossover is None else f"{crossover:.3f}"))
+    return table
+
+
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     lines = [
         "# Sparse CPU inference: dense eager / dense torch.compile / sparse_inference",
@@ -205,6 +243,17 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     lines += markdown_table(header, table)
     notes = sorted({f"{row['model']} batch {row['batch']} threads {row['threads']}: {row['compile']}" for row in rows})
     lines += ["", "torch.compile:", *[f"- {note}" for note in notes]]
+    lines += [
+        "",
+        "## Crossover density per layer shape",
+        "",
+        "Each point: layer density -> dense ms / fastest sparse layout ms (> 1: sparse faster; median over layers "
+        "of that shape). Crossover: where the ratio crosses 1 (log-log interpolation; '-' if all points are on one "
+        "side: the layer wins or loses at every density measured).",
+        "",
+    ]
+    header = ("model", "batch", "threads", "weight", "input (C x H x W)", "density: dense/sparse", "crossover density")
+    lines += markdown_table(header, crossovers(rows))
     lines += ["", "## Per-layer choice (dense ms vs fastest sparse layout ms)", ""]
     layer_rows = []
     for row in rows:
@@ -288,7 +337,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--compile-budget", type=float, default=300.0, help="seconds a torch.compile may take before it is dropped"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", type=Path, help="rewrite the .md and .png of this JSON result (no measuring)")
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        payload = json.loads(args.replot.read_text())
+        name = args.replot.stem
+        (args.replot.parent / f"{name}.md").write_text("\n".join(markdown(payload["rows"], payload["settings"])) + "\n")
+        plot(payload["rows"], args.replot.parent, name)
+        return payload["rows"]
     if args.quick:
         args.models, args.sparsities, args.batch_sizes, args.threads = ["resnet18"], [0.99], [1, 8], [1]
         args.repeats, args.choice_repeats, args.width, args.no_compile = 2, 1, 16, True

@@ -50,6 +50,21 @@ def median_timer(repeats: int = 5, warmup: int = 1) -> Timer:
     return timer
 
 
+def _interleaved_medians(runs: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, timed round-robin (one call of each per round, after one warm-up call each), so
+    that a change of machine load during the measurement hits every candidate alike."""
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 @dataclass
 class LayerChoice:
     """What :func:`sparse_inference` decided for one layer.
@@ -251,9 +266,10 @@ def sparse_inference(
         choose: ``"timed"`` (default: fastest measured), ``"sparse"`` or ``"dense"`` for every layer, or a mapping
             layer name -> ``"timed"`` / ``"dense"`` / ``"sparse"`` / ``"sparse-batch-inner"`` (unnamed layers
             are timed). ``"sparse"`` takes the faster measured sparse layout.
-        timer: ``timer(layer, candidate, run) -> seconds``; defaults to :func:`median_timer` with ``repeats``.
-            Inject one to force or replay a decision (the tests do).
-        repeats: timed calls per candidate and layer for the default timer.
+        timer: ``timer(layer, candidate, run) -> seconds``, called once per candidate (e.g. :func:`median_timer`).
+            Inject one to force or replay a decision (the tests do). Default: the candidates of a layer are timed
+            round-robin, ``repeats`` rounds after a warm-up call each, and their medians compared.
+        repeats: timed calls per candidate and layer for the default timing.
         max_density: layers denser than this stay dense without timing the sparse kernel (it loses there; the
             measured crossover is far lower, docs/inference.md §3).
         verbose: print the per-layer table.
@@ -284,7 +300,8 @@ def sparse_inference(
         bad = {name: value for name, value in per_layer.items() if value not in valid}
         if bad:
             raise ValueError(f"choose values must be one of {valid}; got {bad}")
-    timer = timer or median_timer(repeats)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
 
     work = _copy_model(model)
     work.eval()
@@ -328,7 +345,13 @@ def sparse_inference(
             if wanted not in ("timed", "dense") and why_not is not None:
                 raise ValueError(f"cannot run layer {name!r} sparse as asked ({why_not})")
             if x is not None:
-                record.times_ms["dense"] = 1e3 * timer(name, "dense", lambda layer=layer, x=x: layer(x))
+                dense = {"dense": lambda layer=layer, x=x: layer(x)}
+                seconds = (
+                    _interleaved_medians(dense, repeats)
+                    if timer is None
+                    else {"dense": timer(name, "dense", dense["dense"])}
+                )
+                record.times_ms["dense"] = 1e3 * seconds["dense"]
             continue
         if isinstance(layer, nn.Conv2d):
             candidates = {
@@ -351,8 +374,11 @@ def sparse_inference(
         if wanted in candidates:
             runs = {wanted: runs[wanted], "dense": runs["dense"]}
         with torch.no_grad():
-            for candidate, run in runs.items():
-                record.times_ms[candidate] = 1e3 * timer(name, candidate, run)
+            if timer is None:
+                record.times_ms.update({c: 1e3 * t for c, t in _interleaved_medians(runs, repeats).items()})
+            else:
+                for candidate, run in runs.items():
+                    record.times_ms[candidate] = 1e3 * timer(name, candidate, run)
         sparse_times = {c: t for c, t in record.times_ms.items() if c in candidates}
         fastest_sparse = min(sparse_times, key=sparse_times.__getitem__)
         if wanted in candidates:
