@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_sparse import MaskInit, load_sparse, save_sparse, sparse_inference
-from lightning_sparse.inference import SparseInferenceModel
+from lightning_sparse.inference import SparseInferenceModel, median_timer
 from lightning_sparse.models import cifar_resnet18
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
@@ -204,3 +204,13 @@ def test_package_imports_and_runs_dense_without_numba():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_median_timer_calls_warmup_plus_repeats_and_rejects_bad_counts():
+    calls = []
+    seconds = median_timer(repeats=3, warmup=2)("layer", "dense", lambda: calls.append(1))
+    assert len(calls) == 5 and 0 <= seconds < 1
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        median_timer(repeats=0)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        sparse_inference(_sparsify(AllGeometries(), 0.3), torch.randn(1, 3, 12, 12), repeats=0, verbose=False)
