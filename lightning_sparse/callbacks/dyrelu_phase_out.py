@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sparse._validation import check_int
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 from lightning_sparse.nn.dyrelu_conversion import convert_dyrelu_to_relu, convert_relu_to_dyrelu, dyrelu_modules
@@ -124,8 +126,7 @@ class DyReLUPhaseOut(Callback):
             raise ValueError(f"end ({end}) must not come before start ({start})")
         if example_input is not None and not isinstance(example_input, Tensor):
             raise TypeError(f"example_input must be a torch.Tensor batch, got {type(example_input).__name__}")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        reduction = check_int(reduction, "reduction", minimum=1)
         self.example_input = example_input
         self.channels = dict(channels) if channels is not None else None
         self.reduction = reduction
@@ -137,6 +138,8 @@ class DyReLUPhaseOut(Callback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._hook_handles: list[Any] = []
+        self._hyper_parameters: list[nn.Parameter] = []
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -182,13 +185,15 @@ class DyReLUPhaseOut(Callback):
                 f"(step {self._start_step}); put end after start"
             )
         self._advance(trainer.global_step)
+        self._hyper_parameters = [
+            param for dyrelu in dyrelu_modules(pl_module).values() for param in dyrelu.parameters()
+        ]
+        self._log_gate.reset()
         self._remove_hooks()
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
                 self._hook_handles.append(dyrelu.register_forward_hook(_keep_hypernetwork_in_graph))
-        rank_zero_info(
-            f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}"
-        )
+        rank_zero_info(f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}")
 
     @override
     def on_train_batch_start(
@@ -203,16 +208,16 @@ class DyReLUPhaseOut(Callback):
     ) -> None:
         """Once beta is 0, drop the hyper-networks' gradients so that the optimizer leaves them as they are."""
         if self._beta == 0.0:
-            for dyrelu in dyrelu_modules(pl_module).values():
-                for param in dyrelu.parameters():
-                    param.grad = None
+            for param in self._hyper_parameters:  # listed once at the start of training, not searched every step
+                param.grad = None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log beta (``dyrelu/beta``)."""
-        pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
+        """Log beta (``dyrelu/beta``) when it changed."""
+        if self._log_gate.changed(trainer, {"dyrelu/beta": self._beta}):
+            pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -253,7 +258,9 @@ class DyReLUPhaseOut(Callback):
             )
         try:
             with isolated_rng(type(self).__name__):
-                convert_relu_to_dyrelu(pl_module, example_input=example, channels=self.channels, reduction=self.reduction)
+                convert_relu_to_dyrelu(
+                    pl_module, example_input=example, channels=self.channels, reduction=self.reduction
+                )
         except ValueError as error:
             raise ValueError(
                 f"DyReLUPhaseOut could not swap the model's ReLUs for DyReLU: {error} With the callback, pass "
