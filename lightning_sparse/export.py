@@ -142,7 +142,9 @@ def read_sparse_state_dict(path: str | os.PathLike, map_location: str | torch.de
             "torch.load, or write an export with lightning_sparse.export.save_sparse(model, path)"
         )
     if payload.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} has export format version {payload['version']}; this library reads up to {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path} has export format version {payload['version']}; this library reads up to {FORMAT_VERSION}"
+        )
     state_dict: dict[str, Tensor] = {}
     for name in payload["order"]:
         if name in payload["dense"]:

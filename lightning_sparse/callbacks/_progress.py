@@ -46,7 +46,9 @@ def check_schedule_point(value: int | float, name: str, *, allow_zero: bool = Tr
         )
     if isinstance(value, int):
         if value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(f"{name} as an int is a number of epochs and must be >= {0 if allow_zero else 1}, got {value}")
+            raise ValueError(
+                f"{name} as an int is a number of epochs and must be >= {0 if allow_zero else 1}, got {value}"
+            )
         return value
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0 or (value == 0.0 and not allow_zero):

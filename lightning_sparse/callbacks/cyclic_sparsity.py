@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
 from lightning_sparse.functional.distributions import DISTRIBUTIONS, active_counts, layer_densities
@@ -107,7 +108,9 @@ class CyclicSparsitySchedule(Callback):
         if isinstance(max_multiplier, bool) or not isinstance(max_multiplier, (int, float)):
             raise TypeError(f"max_multiplier must be a float, got {type(max_multiplier).__name__}")
         if not (math.isfinite(max_multiplier) and max_multiplier >= 1.0):
-            raise ValueError(f"max_multiplier is the peak as a multiple of the budget and must be >= 1, got {max_multiplier}")
+            raise ValueError(
+                f"max_multiplier is the peak as a multiple of the budget and must be >= 1, got {max_multiplier}"
+            )
         for name, value in (("cycles", cycles), ("every_n_steps", every_n_steps)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -179,7 +182,9 @@ class CyclicSparsitySchedule(Callback):
             RuntimeError: before the start of training.
         """
         if self._budget is None:
-            raise RuntimeError("CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first")
+            raise RuntimeError(
+                "CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first"
+            )
         position = cycle_position(step, self._lengths)
         if position is None:
             return self._budget
@@ -225,7 +230,8 @@ class CyclicSparsitySchedule(Callback):
         """Log the target and realised densities and the counters (host-side numbers only: no device sync)."""
         if not self._numel:
             return
-        pl_module.log_dict(
+        log_replicated(
+            pl_module,
             {
                 "cyclic/target_density": self.last_target_nnz / self._numel,
                 "cyclic/realised_density": self.last_realised_nnz / self._numel,
@@ -234,7 +240,6 @@ class CyclicSparsitySchedule(Callback):
                 "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
             },
             on_step=True,
-            on_epoch=False,
         )
 
     # ------------------------------------------------------------------------------------------------ state

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
 from lightning_sparse.functional.dsr import dsr_reallocate
 from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
@@ -253,7 +254,7 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -443,7 +444,9 @@ def _check_prune_target(prune_target: int | float) -> int | float:
     Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
     """
     if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
-        raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
+        raise TypeError(
+            f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}"
+        )
     if 0.0 < prune_target < 1.0:
         return float(prune_target)
     if prune_target >= 1 and float(prune_target).is_integer():

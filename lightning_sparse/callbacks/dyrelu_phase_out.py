@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 from lightning_sparse.nn.dyrelu_conversion import convert_dyrelu_to_relu, convert_relu_to_dyrelu, dyrelu_modules
 
@@ -186,9 +187,7 @@ class DyReLUPhaseOut(Callback):
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
                 self._hook_handles.append(dyrelu.register_forward_hook(_keep_hypernetwork_in_graph))
-        rank_zero_info(
-            f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}"
-        )
+        rank_zero_info(f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}")
 
     @override
     def on_train_batch_start(
@@ -212,7 +211,7 @@ class DyReLUPhaseOut(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Log beta (``dyrelu/beta``)."""
-        pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
+        log_replicated(pl_module, {"dyrelu/beta": self._beta}, on_step=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -253,7 +252,9 @@ class DyReLUPhaseOut(Callback):
             )
         try:
             with isolated_rng(type(self).__name__):
-                convert_relu_to_dyrelu(pl_module, example_input=example, channels=self.channels, reduction=self.reduction)
+                convert_relu_to_dyrelu(
+                    pl_module, example_input=example, channels=self.channels, reduction=self.reduction
+                )
         except ValueError as error:
             raise ValueError(
                 f"DyReLUPhaseOut could not swap the model's ReLUs for DyReLU: {error} With the callback, pass "

@@ -20,9 +20,7 @@ def _validate_sparsity(sparsity: float, what: str = "sparsity") -> None:
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
         raise TypeError(f"{what} must be a float in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}"
-        )
+        raise ValueError(f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}")
 
 
 def erdos_renyi_score(shape: Sequence[int], kernel: bool = True) -> float:
