@@ -76,7 +76,12 @@ def test_ddp_fit_logs_without_warnings_and_reduces_the_losses(tmp_path: Path) ->
 
     records = [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(2)]
     metrics = records[0]["metrics"]
-    for expected in ("sparsity/global", "sparsity/requested", "sparsity/density/network.0.weight", "reallocation/updates"):
+    for expected in (
+        "sparsity/global",
+        "sparsity/requested",
+        "sparsity/density/network.0.weight",
+        "reallocation/updates",
+    ):
         assert expected in metrics
     assert any(name.startswith("cyclic/") for name in metrics) and "val/loss" in metrics
     for rank, record in enumerate(records):
