@@ -315,7 +315,17 @@ def labelled_density_heatmap(
     )
     axes.set_xlabel("epoch")
     axes.set_title(f"Density of each sparse tensor, epochs {epochs[0]} to {epochs[-1]}", fontsize=10)
-    figure.colorbar(image, cax=bar, label=scale_label)
+    colorbar = figure.colorbar(image, cax=bar, label=scale_label)
+    if isinstance(norm, LogNorm):
+        # Plain numbers at 1-2-5 steps instead of matplotlib's powers of ten (often only one of which is in range).
+        ticks = [
+            step * 10.0**exponent
+            for exponent in range(math.floor(math.log10(low)), 1)
+            for step in (1, 2, 5)
+            if low <= step * 10.0**exponent <= high
+        ]
+        colorbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
+        colorbar.ax.minorticks_off()
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
