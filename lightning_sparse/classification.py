@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sparse._validation import check_choice
+
 __all__ = ["ImageClassifier"]
 
 OptimizerName = Literal["sgd", "adamw"]
@@ -190,8 +192,7 @@ def _check_settings(
 ) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    check_choice(optimizer, "optimizer", OptimizerName)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
@@ -207,8 +208,7 @@ def _check_settings(
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and effective == 0.0:
             raise ValueError("nesterov needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False")
-    if lr_schedule not in ("multistep", "cosine", "none"):
-        raise ValueError(f"lr_schedule must be 'multistep', 'cosine' or 'none', got {lr_schedule!r}")
+    check_choice(lr_schedule, "lr_schedule", ScheduleName)
     if lr_schedule != "multistep":
         unused = [name for name, value in (("milestones", milestones), ("gamma", gamma)) if value is not None]
         if unused:

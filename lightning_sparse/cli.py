@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_sparse._cli_atomic import AtomicSaveConfigCallback, use_atomic_checkpoints
 from lightning_sparse.classification import ImageClassifier
 from lightning_sparse.export import ExportReport, save_sparse
 
@@ -31,6 +33,9 @@ _DESCRIPTION = (
     "`lightning-sparse fit --help`) and export (`lightning-sparse export --help`): write a checkpoint's network "
     "in the compressed sparse format."
 )
+
+
+_USAGE = "%(prog)s [--config CONFIG.yaml] [--section.option VALUE ...]   (all options: --help)"
 
 
 class SparseCLI(LightningCLI):
@@ -52,8 +57,26 @@ class SparseCLI(LightningCLI):
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        # A short usage line for the subcommands: argparse prints it above every error, and the default one lists
+        # every option (about 50 lines), which buried a config's one-line error.
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": _DESCRIPTION,
+                **{
+                    name: {"usage": _USAGE.replace("%(prog)s", f"lightning-sparse {name}")}
+                    for name in self.subcommands()
+                },
+            },
+        )
+        kwargs.setdefault("save_config_callback", AtomicSaveConfigCallback)
         super().__init__(args=args, run=run, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """LightningCLI's Trainer, writing its checkpoints atomically (a failed overwrite keeps the old file)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_sparse.callbacks._rank_logging import log_replicated
+from lightning_sparse.functional.channels import empty_channels
 from lightning_sparse.masks import SparseMasks
 
 
@@ -38,6 +39,8 @@ def sparsity_metrics(
     * ``sparsity/global_all_params``: masked weights over all parameters of the model (the ``dst`` package's);
     * ``sparsity/effective``: like ``global`` but counting a shared tensor once per use (only under sharing);
     * ``sparsity/nnz``: active weights in the sparse tensors;
+    * ``sparsity/empty_channels``: output channels (dim 0) of the sparse tensors with no active weight, the sign
+      of channel collapse at extreme sparsity (docs/troubleshooting.md);
     * ``sparsity/density/<name>``: each sparse tensor's density.
     """
     layer_nnz = masks.layer_nnz()
@@ -49,6 +52,7 @@ def sparsity_metrics(
         "sparsity/global": 1.0 - nnz / masks.numel(),
         "sparsity/global_all_params": masked / total_params,
         "sparsity/nnz": float(nnz),
+        "sparsity/empty_channels": float(sum(layer_empty_channels(masks).values())),
     }
     if any(count > 1 for count in masks.uses.values()):
         metrics["sparsity/effective"] = 1.0 - masks.effective_density()
@@ -56,6 +60,12 @@ def sparsity_metrics(
         for name, count in layer_nnz.items():
             metrics[f"sparsity/density/{name}"] = count / masks[name].numel()
     return metrics
+
+
+def layer_empty_channels(masks: SparseMasks) -> dict[str, int]:
+    """Tensor name -> its output channels (dim 0) with no active weight (one device sync for all tensors)."""
+    counts = torch.stack([empty_channels(mask).cpu() for mask in masks.values()]).tolist()
+    return dict(zip(masks, (int(count) for count in counts)))
 
 
 def log_sparsity(
@@ -406,9 +416,15 @@ def write_custom_scalars_layout(trainer: pl.Trainer, per_layer: bool) -> None:
         logger.experiment.add_custom_scalars(custom_scalars_layout(prefix, per_layer))
 
 
+def _channels(mask: Tensor) -> int:
+    return mask.shape[0] if mask.dim() >= 2 else 1
+
+
 def layer_table(masks: SparseMasks) -> str:
-    """A fixed-width table of every sparse tensor: name, shape, active weights, size, density; then the total."""
+    """A fixed-width table of every sparse tensor: name, shape, active weights, size, density, empty output channels
+    (of its channels); then the total."""
     counts = masks.layer_nnz()
+    empty = layer_empty_channels(masks)
     rows = [
         (
             name,
@@ -416,12 +432,23 @@ def layer_table(masks: SparseMasks) -> str:
             f"{counts[name]:,}",
             f"{masks[name].numel():,}",
             f"{counts[name] / masks[name].numel():.4f}",
+            f"{empty[name]:,}/{_channels(masks[name]):,}",
         )
         for name in masks
     ]
     total = sum(counts.values())
-    rows.append(("total", "", f"{total:,}", f"{masks.numel():,}", f"{total / masks.numel():.4f}"))
-    header = ("layer", "shape", "active", "weights", "density")
+    channels = sum(_channels(mask) for mask in masks.values())
+    rows.append(
+        (
+            "total",
+            "",
+            f"{total:,}",
+            f"{masks.numel():,}",
+            f"{total / masks.numel():.4f}",
+            f"{sum(empty.values()):,}/{channels:,}",
+        )
+    )
+    header = ("layer", "shape", "active", "weights", "density", "empty channels")
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:

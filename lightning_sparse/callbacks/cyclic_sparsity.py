@@ -7,10 +7,9 @@ Lets the number of active weights rise above the budget and fall back in cycles 
 
 from __future__ import annotations
 
-import math
 import warnings
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -18,11 +17,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
 from lightning_sparse.callbacks._rank_logging import log_replicated
+from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
-from lightning_sparse.functional.distributions import DISTRIBUTIONS, active_counts, layer_densities
+from lightning_sparse.functional.distributions import active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 
 __all__ = ["CyclicSparsitySchedule"]
@@ -59,6 +61,10 @@ class CyclicSparsitySchedule(Callback):
     safety net. Logged (TensorBoard by default): ``cyclic/target_density``, ``cyclic/realised_density`` (both over
     the real sparse tensors), ``cyclic/multiplier``, ``cyclic/updates``, ``cyclic/skipped_nonfinite``.
 
+    Channel safety (on by default; docs/troubleshooting.md): prunes keep ``min_active_per_channel`` weights in every
+    output channel and growth ranks positions with ``growth_rule``, so that BatchNorm-inflated gradients of empty
+    channels do not capture the growth phase. ``min_active_per_channel=0`` gives the authors' rules exactly.
+
     Choices where the authors' code is ambiguous (ALGORITHMS.md §3h): the target is a count over the real sparse
     tensors, the same units as the ERK allocation, instead of the code's comparison of an ERK target with an
     "effective" density that counts shared weights once per use (§3h item 4); each tensor goes exactly to its ERK
@@ -77,6 +83,15 @@ class CyclicSparsitySchedule(Callback):
         every_n_steps: optimizer steps between updates inside the cycles (the authors' code default: 100).
         distribution: ``"erk"``, ``"er"`` or ``"uniform"``; ``None`` uses MaskInit's.
         power_scale: exponent of the ER/ERK scores; ``None`` uses MaskInit's.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): a prune keeps the
+            ``min_active_per_channel`` largest-``|w|`` weights of every output channel (dim 0 of a sparse tensor), so
+            it never empties a channel; where a tensor's target count leaves too few weights above the floor, the
+            floor is lowered for that tensor and update only as far as the count requires. ``0`` turns channel
+            safety off and restores EAST's rules exactly, growth included. Default 1.
+        growth_rule: how growth ranks positions: ``"global"`` (largest ``|grad|`` over the tensor, EAST's code),
+            ``"channel_normalized"`` or ``"channel_capped"`` (see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`). ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0.
 
     Raises:
         TypeError: at construction, for an argument of the wrong type.
@@ -99,41 +114,32 @@ class CyclicSparsitySchedule(Callback):
         cycles: int = 2,
         cycle_length: int | float = 0.2,
         length_multiplier: float = 1.0,
-        shape: Literal["cosine", "triangular"] = "cosine",
+        shape: CycleShape = "cosine",
         every_n_steps: int = 100,
-        distribution: str | None = None,
+        distribution: Distribution | None = None,
         power_scale: float | None = None,
+        min_active_per_channel: int = 1,
+        growth_rule: GrowthRule | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(max_multiplier, bool) or not isinstance(max_multiplier, (int, float)):
-            raise TypeError(f"max_multiplier must be a float, got {type(max_multiplier).__name__}")
-        if not (math.isfinite(max_multiplier) and max_multiplier >= 1.0):
-            raise ValueError(
-                f"max_multiplier is the peak as a multiple of the budget and must be >= 1, got {max_multiplier}"
-            )
-        for name, value in (("cycles", cycles), ("every_n_steps", every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.max_multiplier = check_real(
+            max_multiplier, "max_multiplier", low=1.0, what=" (the peak as a multiple of the budget)"
+        )
+        self.cycles = check_int(cycles, "cycles", minimum=1)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
         self.cycle_length = check_schedule_point(cycle_length, "cycle_length", allow_zero=False)
-        if isinstance(length_multiplier, bool) or not isinstance(length_multiplier, (int, float)):
-            raise TypeError(f"length_multiplier must be a float, got {type(length_multiplier).__name__}")
-        if not (math.isfinite(length_multiplier) and length_multiplier > 0):
-            raise ValueError(f"length_multiplier must be > 0, got {length_multiplier}")
-        if shape not in ("cosine", "triangular"):
-            raise ValueError(f"shape must be 'cosine' or 'triangular', got {shape!r}")
-        if distribution is not None and distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)} or None")
-        if power_scale is not None and not power_scale >= 0:
-            raise ValueError(f"power_scale must be >= 0 or None, got {power_scale}")
-        self.max_multiplier = float(max_multiplier)
-        self.cycles = cycles
-        self.length_multiplier = float(length_multiplier)
-        self.shape = shape
-        self.every_n_steps = every_n_steps
-        self.distribution = distribution
-        self.power_scale = power_scale
+        self.length_multiplier = check_real(length_multiplier, "length_multiplier", low=0.0, low_open=True)
+        self.shape = check_choice(shape, "shape", CycleShape)
+        self.distribution = None if distribution is None else check_choice(distribution, "distribution", Distribution)
+        self.power_scale = None if power_scale is None else check_real(power_scale, "power_scale", low=0.0)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
+        self._warned_nonfinite = False
 
         self._owner: MaskOwner | None = None
         self._lengths: list[int] = []
@@ -149,6 +155,7 @@ class CyclicSparsitySchedule(Callback):
         self.last_target_nnz = 0
         self.last_realised_nnz = 0
         self._numel = 0
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -209,6 +216,7 @@ class CyclicSparsitySchedule(Callback):
         self._lengths = cycle_lengths(first, self.cycles, self.length_multiplier)
         masks = self._masks()
         self._numel = masks.numel()
+        self._log_gate.reset()
         if self._budget is None:
             self._budget = masks.nnz()
             self.last_target_nnz = self.last_realised_nnz = self._budget
@@ -227,20 +235,18 @@ class CyclicSparsitySchedule(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the target and realised densities and the counters (host-side numbers only: no device sync)."""
+        """Log the target and realised densities and the counters when they changed (host numbers: no device sync)."""
         if not self._numel:
             return
-        log_replicated(
-            pl_module,
-            {
-                "cyclic/target_density": self.last_target_nnz / self._numel,
-                "cyclic/realised_density": self.last_realised_nnz / self._numel,
-                "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
-                "cyclic/updates": float(self.num_updates),
-                "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
-            },
-            on_step=True,
-        )
+        metrics = {
+            "cyclic/target_density": self.last_target_nnz / self._numel,
+            "cyclic/realised_density": self.last_realised_nnz / self._numel,
+            "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
+            "cyclic/updates": float(self.num_updates),
+            "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
+        }
+        if self._log_gate.changed(trainer, metrics):
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -291,6 +297,14 @@ class CyclicSparsitySchedule(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"CyclicSparsitySchedule: skipped the update at step {step}: a sparse tensor's gradient is not "
+                    "finite (nan/inf loss?). Further skips are counted in cyclic/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
         target = self.target_nnz(step)
         new_masks = self._masks_for(masks, target)
@@ -326,9 +340,10 @@ class CyclicSparsitySchedule(Callback):
                 grad = params[name].grad
                 if grad is None:
                     return None
-                new_masks[name] = gradient_grow(grad, masks[name], difference)
+                new_masks[name] = gradient_grow(grad, masks[name], difference, rule=self.growth_rule)
             elif difference < 0:
-                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference)
+                floor = feasible_floor(masks[name], -difference, self.min_active_per_channel)
+                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference, floor)
         return new_masks
 
     def _layer_counts(self, masks: SparseMasks, target: int) -> dict[str, int]:
@@ -343,10 +358,17 @@ class CyclicSparsitySchedule(Callback):
             for name in shapes
             if fnmatchcase(name, pattern)
         }
+        # Frozen tensors (included by a pattern) keep their count: nothing grown into them could ever train.
+        current = masks.layer_nnz()
+        frozen = [name for name, param in masks.parameters.items() if not param.requires_grad]
+        fixed.update({name: current[name] / masks.numel(name) for name in frozen})
         densities = layer_densities(
             shapes, 1.0 - target / self._numel, distribution, power_scale=power_scale, fixed_densities=fixed
         )
-        return active_counts(shapes, densities, total=target)
+        counts = active_counts(shapes, densities, total=target)
+        for name in frozen:  # guard the rounding: a frozen tensor's count never changes
+            counts[name] = current[name]
+        return counts
 
 
 def _distribution_settings(owner: Any) -> dict[str, Any]:

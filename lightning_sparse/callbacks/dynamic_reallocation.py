@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from numbers import Real
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -20,20 +21,22 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._rank_logging import log_replicated
-from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
+from lightning_sparse.functional.channels import resolve_growth_rule
+from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
-from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
+from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
 
 __all__ = ["DynamicReallocation", "METHODS"]
 
-METHODS = ("dsr", "set", "rigl")
+METHODS: tuple[str, ...] = get_args(Method)
 """The topology-update methods of :class:`DynamicReallocation`."""
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
 _UPDATER_ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
-_FLOOR_EPSILON = 1e-9
 
 
 class DynamicReallocation(Callback):
@@ -61,6 +64,13 @@ class DynamicReallocation(Callback):
       gradient is ``None`` at an update step (unused in that step) is left unchanged: there is no gradient to rank
       growth by, and a random fallback would silently turn RigL into SET for that tensor. Per-tensor counts are
       fixed.
+
+    Channel safety (on by default; docs/troubleshooting.md): at extreme sparsity an output channel with no active
+    weight feeds zero variance into train-mode BatchNorm, whose backward divides by ``sqrt(var + eps)``; the inflated
+    dense gradients of such channels capture RigL's growth while magnitude drop empties more channels, and training
+    collapses. With ``min_active_per_channel >= 1`` no update drops a channel's last ``min_active_per_channel``
+    weights, and RigL ranks growth with ``growth_rule`` (by default each ``|grad|`` relative to its output channel's
+    mean). ``min_active_per_channel=0`` gives the published rules exactly.
 
     When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
     with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
@@ -104,6 +114,21 @@ class DynamicReallocation(Callback):
             ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
             SET and RigL only.
         seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): no update drops any of the
+            ``min_active_per_channel`` largest-``|w|`` weights of an output channel (dim 0 of a sparse tensor), so an
+            update never empties a channel (DSR's threshold prune, SET's and RigL's drop; SET and RigL then replace
+            at most the weights above the floor). ``0`` turns channel safety off and restores the published rules
+            exactly, RigL's growth included. Default 1.
+        growth_rule: how RigL ranks growth positions: ``"global"`` (RigL's largest ``|grad|`` over the tensor),
+            ``"channel_normalized"`` (``|grad|`` over its output channel's mean) or ``"channel_capped"`` (at most
+            an even share per channel); see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`. ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0. RigL only.
+        drop_fraction_floor: the cosine-annealed fraction decays from ``drop_fraction`` to this value at
+            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, ALGORITHMS.md §3e).
+            ``None``: 0. RigL only.
+        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, ALGORITHMS.md §3a)
+            for the number of weights a tensor replaces. ``None``: ``"floor"``. SET and RigL only.
 
     Raises:
         ValueError: at construction, for an unknown method, ``every_n_steps < 1``, ``stop_at`` outside (0, 1], an
@@ -123,7 +148,7 @@ class DynamicReallocation(Callback):
 
     def __init__(
         self,
-        method: str = "dsr",
+        method: Method = "dsr",
         every_n_steps: int | PeriodSchedule = 100,
         stop_at: float | None = None,
         prune_target: int | float | None = None,
@@ -131,45 +156,73 @@ class DynamicReallocation(Callback):
         tolerance: float | None = None,
         drop_fraction: float | None = None,
         seed: int = 0,
+        min_active_per_channel: int = 1,
+        growth_rule: GrowthRule | None = None,
+        drop_fraction_floor: float | None = None,
+        rounding: Rounding | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}")
-        self.method = method
+        self.method = check_choice(method, "method", Method)
         self.schedule = _as_schedule(every_n_steps)
         self.stop_at = _DEFAULT_STOP_AT[method] if stop_at is None else _check_stop_at(stop_at)
 
         dsr_only = {"prune_target": prune_target, "initial_threshold": initial_threshold, "tolerance": tolerance}
         unused = [name for name, value in dsr_only.items() if value is not None] if method != "dsr" else []
-        if method == "dsr" and drop_fraction is not None:
-            unused.append("drop_fraction")
+        if method == "dsr":
+            unused += [
+                name for name, value in (("drop_fraction", drop_fraction), ("rounding", rounding)) if value is not None
+            ]
+        if method != "rigl":
+            unused += [
+                name
+                for name, value in (("growth_rule", growth_rule), ("drop_fraction_floor", drop_fraction_floor))
+                if value is not None
+            ]
         if unused:
             raise ValueError(
                 f"method={method!r} does not use {', '.join(unused)}; remove it (prune_target, initial_threshold and "
-                "tolerance are DSR's, drop_fraction is SET's zeta and RigL's alpha)"
+                "tolerance are DSR's, drop_fraction and rounding are SET's and RigL's, growth_rule and "
+                "drop_fraction_floor are RigL's)"
             )
         self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
-        self.initial_threshold = 1e-3 if initial_threshold is None else float(initial_threshold)
-        if not (math.isfinite(self.initial_threshold) and self.initial_threshold > 0):
-            raise ValueError(f"initial_threshold (DSR's H0) must be a finite number > 0, got {initial_threshold}")
-        self.tolerance = 0.1 if tolerance is None else float(tolerance)
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"tolerance (DSR's delta) must be a finite number >= 0, got {tolerance}")
-        self.drop_fraction = 0.3 if drop_fraction is None else float(drop_fraction)
-        if not 0.0 < self.drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
+        self.initial_threshold = check_real(
+            1e-3 if initial_threshold is None else initial_threshold,
+            "initial_threshold",
+            low=0.0,
+            low_open=True,
+            what=" (DSR's H0)",
+        )
+        self.tolerance = check_real(
+            0.1 if tolerance is None else tolerance, "tolerance", low=0.0, what=" (DSR's delta)"
+        )
+        self.drop_fraction = check_real(
+            0.3 if drop_fraction is None else drop_fraction, "drop_fraction", low=0.0, high=1.0, low_open=True
+        )
+        self.seed = check_seed(seed)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
+        self.drop_fraction_floor = check_real(
+            0.0 if drop_fraction_floor is None else drop_fraction_floor,
+            "drop_fraction_floor",
+            low=0.0,
+            high=self.drop_fraction,
+            what=" (at most drop_fraction)",
+        )
+        self.rounding = "floor" if rounding is None else check_choice(rounding, "rounding", Rounding)
 
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._threshold = self.initial_threshold
         self._owner: MaskOwner | None = None
         self._total_steps = 0
         self._stop_step = 0
-        self._ever_active: dict[str, Tensor] | None = None
         self._checkpoint_ever_active: dict[str, Tensor] | None = None
         self._itop_rate = 0.0
+        self._warned_nonfinite = False
         self.num_updates = 0
         """Updates that ran (including DSR updates that pruned nothing)."""
         self.num_skipped_nonfinite = 0
@@ -182,6 +235,7 @@ class DynamicReallocation(Callback):
         self.last_pruned = 0
         self.last_grown = 0
         self.last_drop_fraction = 0.0
+        self._log_gate = ChangeGate()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -196,10 +250,14 @@ class DynamicReallocation(Callback):
 
     @property
     def ever_active(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool tensor of the positions that have been active at some point of training."""
-        if self._ever_active is None:
+        """Parameter name -> bool tensor of the positions that have been active at some point of training.
+
+        Kept by the masks themselves (:attr:`SparseMasks.ever_active <lightning_sparse.masks.SparseMasks.ever_active>`),
+        so changes made by any callback count.
+        """
+        if self._owner is None:
             raise RuntimeError("DynamicReallocation tracks active positions from the start of training on")
-        return dict(self._ever_active)
+        return self._masks().ever_active
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -222,16 +280,11 @@ class DynamicReallocation(Callback):
         self._total_steps = max(int(total), 1)
         self._stop_step = max(round(self.stop_at * self._total_steps), 1)
         masks = self._masks()
-        if self._checkpoint_ever_active is not None:
-            check_masks_fit(self._checkpoint_ever_active, {name: mask.shape for name, mask in masks.items()})
-            self._ever_active = {
-                name: self._checkpoint_ever_active[name].to(device=mask.device, dtype=torch.bool) | mask
-                for name, mask in masks.items()
-            }
+        if self._checkpoint_ever_active is not None:  # checkpoints written before the masks kept this history
+            masks.merge_ever_active_(self._checkpoint_ever_active)
             self._checkpoint_ever_active = None
-        elif self._ever_active is None or set(self._ever_active) != set(masks):
-            self._ever_active = {name: mask.clone() for name, mask in masks.items()}
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
+        self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
             f"of {self._total_steps}"
@@ -241,7 +294,7 @@ class DynamicReallocation(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the reallocation curves (host-side numbers only: no device sync)."""
+        """Log the reallocation curves when they changed (host-side numbers only: no device sync)."""
         metrics = {
             "reallocation/updates": float(self.num_updates),
             "reallocation/pruned": float(self.last_pruned),
@@ -254,7 +307,8 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        log_replicated(pl_module, metrics, on_step=True)
+        if self._log_gate.changed(trainer, metrics):
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -272,11 +326,6 @@ class DynamicReallocation(Callback):
             "last_grown": self.last_grown,
             "last_drop_fraction": self.last_drop_fraction,
             "generator_state": self._generator.get_state(),
-            "ever_active": (
-                {name: mask.detach().cpu().clone() for name, mask in self._ever_active.items()}
-                if self._ever_active is not None
-                else None
-            ),
         }
 
     @override
@@ -335,6 +384,14 @@ class DynamicReallocation(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"DynamicReallocation: skipped the update at step {step}: a sparse tensor's gradient is not finite "
+                    "(nan/inf loss?). Further skips are counted in reallocation/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
 
         expected_nnz = masks.nnz()
@@ -356,17 +413,18 @@ class DynamicReallocation(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        for name, mask in masks.items():
-            self._ever_active[name] |= mask
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
         self.num_updates += 1
         self.last_update_step = step
         self.last_pruned = pruned
         self.last_grown = grown
 
     def _dsr(self, masks: SparseMasks, active: int) -> tuple[dict[str, Tensor], int, int]:
-        names = list(masks)
         params = masks.parameters
+        # Frozen tensors (included by a pattern) keep their masks: nothing grown into them could ever train.
+        names = [name for name in masks if params[name].requires_grad]
+        if not names:
+            return {}, 0, 0
         target = self.prune_target if isinstance(self.prune_target, int) else round(self.prune_target * active)
         result = dsr_reallocate(
             [params[name].detach() for name in names],
@@ -375,6 +433,7 @@ class DynamicReallocation(Callback):
             target_pruned=target,
             tolerance=self.tolerance,
             generator=self._generator,
+            min_active_per_channel=self.min_active_per_channel,
         )
         self._threshold = result.threshold
         if result.num_pruned == 0:
@@ -384,7 +443,7 @@ class DynamicReallocation(Callback):
     def _per_tensor(self, masks: SparseMasks, step: int, use_gradient: bool) -> tuple[dict[str, Tensor], int, int]:
         params = masks.parameters
         if use_gradient:
-            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction)
+            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction, self.drop_fraction_floor)
         else:
             fraction = self.drop_fraction
         self.last_drop_fraction = fraction
@@ -393,16 +452,30 @@ class DynamicReallocation(Callback):
         grown: list[Tensor] = []
         for name, nnz in masks.layer_nnz().items():
             param, mask = params[name], masks[name]
-            if nnz == 0:
-                continue
+            if nnz == 0 or not param.requires_grad:
+                continue  # frozen tensors keep their masks: nothing grown into them could ever train
             if use_gradient:
                 if param.grad is None:
                     continue  # unused in this step: nothing to rank growth by (see the class docstring)
-                update = rigl_update(param.detach(), param.grad, mask, fraction)
+                update = rigl_update(
+                    param.detach(),
+                    param.grad,
+                    mask,
+                    fraction,
+                    min_active_per_channel=self.min_active_per_channel,
+                    growth_rule=self.growth_rule,
+                    rounding=self.rounding,
+                )
             else:
                 # Regrowth excludes the just-dropped positions, so a nearly dense tensor replaces fewer.
-                count = min(math.floor(fraction * nnz + _FLOOR_EPSILON), mask.numel() - nnz)
-                update = set_update(param.detach(), mask, count / nnz, self._generator)
+                count = min(update_count(nnz, fraction, self.rounding), mask.numel() - nnz)
+                update = set_update(
+                    param.detach(),
+                    mask,
+                    count / nnz,
+                    self._generator,
+                    min_active_per_channel=self.min_active_per_channel,
+                )
             new_masks[name] = update.mask
             dropped.append(update.dropped.sum())
             grown.append(update.grown.sum())
@@ -411,31 +484,27 @@ class DynamicReallocation(Callback):
         counts = torch.stack([torch.stack(dropped).sum(), torch.stack(grown).sum()]).tolist()
         return new_masks, int(counts[0]), int(counts[1])
 
-    def _count_ever_active(self) -> int:
-        assert self._ever_active is not None
-        return int(torch.stack([torch.count_nonzero(mask) for mask in self._ever_active.values()]).sum())
-
 
 def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
     if isinstance(every_n_steps, PeriodSchedule):
         return every_n_steps
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+    try:
+        return ConstantPeriod(check_int(every_n_steps, "every_n_steps", minimum=1))
+    except TypeError:
         raise TypeError(
-            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {type(every_n_steps).__name__}"
-        )
-    if every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be >= 1 optimizer step, got {every_n_steps}")
-    return ConstantPeriod(every_n_steps)
+            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {every_n_steps!r}"
+        ) from None
 
 
 def _check_stop_at(stop_at: float) -> float:
-    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)):
-        raise TypeError(f"stop_at must be a float in (0, 1], got {type(stop_at).__name__}")
-    if not 0.0 < stop_at <= 1.0:
-        raise ValueError(
-            f"stop_at is the fraction of training after which the masks are fixed and must be in (0, 1], got {stop_at}"
-        )
-    return float(stop_at)
+    return check_real(
+        stop_at,
+        "stop_at",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        what=" (the fraction of training after which the masks are fixed)",
+    )
 
 
 def _check_prune_target(prune_target: int | float) -> int | float:
@@ -443,7 +512,7 @@ def _check_prune_target(prune_target: int | float) -> int | float:
 
     Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
     """
-    if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
+    if isinstance(prune_target, bool) or not isinstance(prune_target, Real):
         raise TypeError(
             f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}"
         )

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sparse._validation import check_int
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
 from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
@@ -125,8 +127,7 @@ class DyReLUPhaseOut(Callback):
             raise ValueError(f"end ({end}) must not come before start ({start})")
         if example_input is not None and not isinstance(example_input, Tensor):
             raise TypeError(f"example_input must be a torch.Tensor batch, got {type(example_input).__name__}")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        reduction = check_int(reduction, "reduction", minimum=1)
         self.example_input = example_input
         self.channels = dict(channels) if channels is not None else None
         self.reduction = reduction
@@ -138,6 +139,8 @@ class DyReLUPhaseOut(Callback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._hook_handles: list[Any] = []
+        self._hyper_parameters: list[nn.Parameter] = []
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -183,6 +186,10 @@ class DyReLUPhaseOut(Callback):
                 f"(step {self._start_step}); put end after start"
             )
         self._advance(trainer.global_step)
+        self._hyper_parameters = [
+            param for dyrelu in dyrelu_modules(pl_module).values() for param in dyrelu.parameters()
+        ]
+        self._log_gate.reset()
         self._remove_hooks()
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
@@ -202,16 +209,16 @@ class DyReLUPhaseOut(Callback):
     ) -> None:
         """Once beta is 0, drop the hyper-networks' gradients so that the optimizer leaves them as they are."""
         if self._beta == 0.0:
-            for dyrelu in dyrelu_modules(pl_module).values():
-                for param in dyrelu.parameters():
-                    param.grad = None
+            for param in self._hyper_parameters:  # listed once at the start of training, not searched every step
+                param.grad = None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log beta (``dyrelu/beta``)."""
-        log_replicated(pl_module, {"dyrelu/beta": self._beta}, on_step=True)
+        """Log beta (``dyrelu/beta``) when it changed."""
+        if self._log_gate.changed(trainer, {"dyrelu/beta": self._beta}):
+            log_replicated(pl_module, {"dyrelu/beta": self._beta}, on_step=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightning_sparse._validation import check_choice
 from lightning_sparse.data._base import ImageDataModule
 from lightning_sparse.data.errors import DatasetNotFoundError
 
@@ -63,8 +64,7 @@ class _CIFARDataModule(ImageDataModule):
             raise ValueError(
                 f"val_split must be in [0, 1) (e.g. 0.1 as in EAST, or 0 to validate on test), got {val_split}."
             )
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
+        check_choice(padding_mode, "padding_mode", PaddingMode)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from numbers import Real
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
 
 def _validate_sparsity(sparsity: float, what: str = "sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+    if not isinstance(sparsity, Real) or isinstance(sparsity, bool):
         raise TypeError(f"{what} must be a float in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}")
@@ -84,6 +85,12 @@ def layer_densities(
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     _validate_sparsity(sparsity)
+    if (
+        isinstance(power_scale, bool)
+        or not isinstance(power_scale, Real)
+        or not (math.isfinite(power_scale) and power_scale >= 0)
+    ):
+        raise ValueError(f"power_scale must be a finite number >= 0, got {power_scale!r}")
     if not shapes:
         raise ValueError("no tensors to distribute a sparsity over (shapes is empty)")
     fixed = dict(fixed_densities or {})
@@ -115,7 +122,8 @@ def layer_densities(
     kernel = distribution == "erk"
     scores = {name: erdos_renyi_score(shapes[name], kernel=kernel) ** power_scale for name in free}
     dense: set[str] = set()
-    while True:
+    # Each pass either stops or makes at least one more layer dense, so there are at most len(free) passes.
+    for _ in range(len(free)):
         # epsilon * sum(score_l * N_l) over the still-sparse layers = what the budget leaves for them.
         remaining_budget = budget - sum(sizes[name] for name in dense)
         divisor = sum(scores[name] * sizes[name] for name in free if name not in dense)
@@ -125,7 +133,7 @@ def layer_densities(
         if epsilon * largest <= 1.0:
             break
         # RigL: every layer with the maximal score becomes dense, then epsilon is solved again.
-        dense.update(name for name, score in sparse_scores.items() if score == largest)
+        dense.update(name for name, score in sparse_scores.items() if score >= largest)
         if len(dense) == len(free):
             break
     for name in free:
