@@ -262,7 +262,10 @@ class MaskInit(Callback, MaskOwner):
         self._logged_version = -1
         self._zeroed_version = -1
         if self.verbose >= 1:
-            lines = sparsity_summary(self._masks, self._requested(), self.shared_budget)
+            rule = self.shared_budget
+            if rule is None:  # the default: the rule applies to WeightSharing's shared convs
+                rule = any(isinstance(module, SharedConv2d) for module in pl_module.modules())
+            lines = sparsity_summary(self._masks, self._requested(), rule)
             lines[0] += "".join(f"; {note}" for note in notes)
             for line in lines:
                 rank_zero_info(f"MaskInit: {line}")
