@@ -33,7 +33,8 @@ class ImageClassifier(pl.LightningModule):
     """Cross-entropy image classification around any network, with paper-style optimizers and schedules.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (torchmetrics
-    top-1 accuracy, the fraction of correct predictions, accumulated over the epoch). The learning rate changes every optimizer step: a
+    top-1 accuracy, the fraction of correct predictions, accumulated over the epoch); under DDP the epoch values
+    are over all ranks' batches (``sync_dist=True``; the per-step ``train/loss`` is then the mean over ranks too). The learning rate changes every optimizer step: a
     milestone at fraction ``f`` takes effect at step ``round(f x trainer.estimated_stepping_batches)``, which is
     the start of epoch ``f x max_epochs`` when the epochs have equal lengths (so ``milestones=[0.3, 0.6, 0.8]``
     over 200 epochs is DSR's ``x0.2`` at epochs 60/120/160) and also works for runs bounded by ``max_steps``.
@@ -125,7 +126,9 @@ class ImageClassifier(pl.LightningModule):
         loss = self.loss(logits, labels)
         accuracy(logits, labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's alone. The
+        # accuracy is a torchmetrics Metric, which reduces its own state across ranks.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train", sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 

@@ -210,7 +210,10 @@ def _sparse_tensor(path: str | os.PathLike, name: str, entry: dict) -> Tensor:
     if flat_positions.numel():
         low, high = int(flat_positions.min()), int(flat_positions.max())
         if low < 0 or high >= numel:
-            raise _damaged(path, f"tensor {name!r} of shape {tuple(shape)} stores a position out of [0, {numel}): {low if low < 0 else high}")
+            raise _damaged(
+                path,
+                f"tensor {name!r} of shape {tuple(shape)} stores a position out of [0, {numel}): {low if low < 0 else high}",
+            )
         if flat_positions.numel() > 1 and not bool((flat_positions[1:] > flat_positions[:-1]).all()):
             raise _damaged(path, f"the positions of tensor {name!r} are not strictly increasing (a repeated position?)")
     flat = torch.zeros(numel, dtype=values.dtype, device=values.device)
@@ -261,7 +264,9 @@ def read_sparse_state_dict(path: str | os.PathLike, map_location: str | torch.de
         except (AssertionError, KeyError, TypeError, ValueError, RuntimeError):
             actual = None
         if actual is None or checksum != actual:
-            raise _damaged(path, "its contents do not match the checksum written with it (bytes changed after it was written)")
+            raise _damaged(
+                path, "its contents do not match the checksum written with it (bytes changed after it was written)"
+            )
     state_dict: dict[str, Tensor] = {}
     for name in order:
         state_dict[name] = dense[name] if name in dense else _sparse_tensor(path, name, sparse[name])

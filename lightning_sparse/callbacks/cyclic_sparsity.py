@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
 from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
@@ -245,7 +246,7 @@ class CyclicSparsitySchedule(Callback):
             "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
         }
         if self._log_gate.changed(trainer, metrics):
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override

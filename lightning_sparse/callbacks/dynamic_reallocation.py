@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
 from lightning_sparse.callbacks._log_gate import ChangeGate
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.functional.channels import resolve_growth_rule
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
@@ -307,7 +308,7 @@ class DynamicReallocation(Callback):
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
         if self._log_gate.changed(trainer, metrics):
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override

@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_sparse._validation import check_int
 from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 from lightning_sparse.nn.dyrelu_conversion import convert_dyrelu_to_relu, convert_relu_to_dyrelu, dyrelu_modules
 
@@ -217,7 +218,7 @@ class DyReLUPhaseOut(Callback):
     ) -> None:
         """Log beta (``dyrelu/beta``) when it changed."""
         if self._log_gate.changed(trainer, {"dyrelu/beta": self._beta}):
-            pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
+            log_replicated(pl_module, {"dyrelu/beta": self._beta}, on_step=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

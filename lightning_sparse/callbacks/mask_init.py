@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,9 +29,12 @@ from lightning_sparse._validation import (
 )
 from lightning_sparse.callbacks._sparsity_logging import (
     DensityHistory,
+    heatmap_due,
     log_density_heatmap,
     log_sparsity,
     report_layer_table,
+    sparsity_summary,
+    write_custom_scalars_layout,
 )
 from lightning_sparse.functional.distributions import active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, TopologyUpdater, check_masks_fit
@@ -93,11 +96,23 @@ class MaskInit(Callback, MaskOwner):
             the active learnable weights equal ``(1 - sparsity) x`` the size of the unshared model's sparse
             tensors, i.e. the real tensors get the density ``d x (P_real + P_virtual) / P_real`` (docs/algorithms.md
             §3d). ``False`` applies ``sparsity`` to the real tensors.
-        log_layer_densities: also log each tensor's density (``sparsity/density/<name>``) at every epoch end.
-        layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard
-            as a heatmap image (``sparsity/density_heatmap``, layers x epochs; kept in the checkpoint so a
-            resumed run continues the picture); at the end of fit, print a table of the sparse tensors (shape,
-            active weights, density, empty output channels) on rank 0.
+        log_layer_densities: also log each tensor's density (``sparsity/density/<name>``; in TensorBoard also
+            drawn together in one chart of the ``custom_scalars`` layout).
+        layer_report: TensorBoard pictures: at every training epoch end, record the per-tensor densities; draw
+            them (after epochs 1, 2, 4, 8, ..., every tenth epoch and at the end of fit) as a heatmap image (``sparsity/density_heatmap``: layer names on the rows, epochs across, a
+            labelled colour scale where matplotlib is installed; kept in the checkpoint so a resumed run continues
+            the picture); at the end of fit, the table of the sparse tensors as text (``sparsity/layer_table``).
+        verbose: console output on rank 0, independent of ``layer_report`` (the levels of Lightning's
+            ``ModelPruning``): 0 prints nothing; 1 prints the sparsity requested, real and (under weight sharing)
+            effective at the start of fit, with the budget rule in force, and the sparsity at the end of fit;
+            2 also prints the table of the sparse tensors (shape, active weights, density, empty output channels) at the end of fit.
+
+    Logged (any logger): ``sparsity/requested`` (the ``sparsity`` argument), ``sparsity/global`` (real),
+    ``sparsity/effective`` (under weight sharing), ``sparsity/global_all_params``, ``sparsity/nnz`` and the
+    per-tensor densities, at the first step, whenever the masks change and at every training epoch end; in
+    ``validate`` and ``test`` runs (no fit), the global figures at the end of the evaluation, measured from the zeros
+    of the model's sparse tensors. The values are identical on every DDP rank and logged without a reduction
+    (docs/distributed.md).
 
     Raises:
         ValueError: at construction, for a sparsity outside [0, 1), an unknown distribution, or inconsistent
@@ -124,6 +139,7 @@ class MaskInit(Callback, MaskOwner):
         shared_budget: bool | None = None,
         log_layer_densities: bool = True,
         layer_report: bool = True,
+        verbose: Literal[0, 1, 2] = 2,
     ) -> None:
         super().__init__()
         if from_zeros and sparsity is not None:
@@ -135,6 +151,11 @@ class MaskInit(Callback, MaskOwner):
             if sparsity is None:
                 raise ValueError("MaskInit needs sparsity=<fraction of zeros in [0, 1)>, e.g. MaskInit(sparsity=0.9)")
             sparsity = check_sparsity(sparsity)
+        if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+            raise ValueError(
+                f"verbose must be 0 (no console output), 1 (sparsity summaries) or 2 (also the layer table), "
+                f"got {verbose!r}"
+            )
         self.sparsity = sparsity
         self.distribution = check_choice(distribution, "distribution", Distribution)
         self.include = check_patterns(include, "include")
@@ -149,6 +170,7 @@ class MaskInit(Callback, MaskOwner):
         self.shared_budget = shared_budget
         self.log_layer_densities = log_layer_densities
         self.layer_report = layer_report
+        self.verbose = verbose
         self.density_history = DensityHistory()
 
         self._masks: SparseMasks | None = None
@@ -162,6 +184,7 @@ class MaskInit(Callback, MaskOwner):
         self._hook_handles: list[Any] = []
         self._last_updated_step = -1
         self._logged_version = -1
+        self._heatmap_drawn = 0
         self._zeroed_version = -1
 
     # ------------------------------------------------------------------------------------------ MaskOwner
@@ -238,10 +261,15 @@ class MaskInit(Callback, MaskOwner):
         self._last_updated_step = -1
         self._logged_version = -1
         self._zeroed_version = -1
-        rank_zero_info(
-            f"MaskInit: {len(parameters)} sparse tensors, {self._masks.nnz():,} of {self._masks.numel():,} weights "
-            f"active (sparsity {self._masks.sparsity():.4%})" + "".join(f"; {note}" for note in notes)
-        )
+        if self.verbose >= 1:
+            rule = self.shared_budget
+            if rule is None:  # the default: the rule applies to WeightSharing's shared convs
+                rule = any(isinstance(module, SharedConv2d) for module in pl_module.modules())
+            lines = sparsity_summary(self._masks, self._requested(), rule)
+            lines[0] += "".join(f"; {note}" for note in notes)
+            for line in lines:
+                rank_zero_info(f"MaskInit: {line}")
+        write_custom_scalars_layout(trainer, per_layer=self.log_layer_densities)
 
     def reset_masks(self) -> None:
         """Forget the masks, so that the next fit draws new ones (by default a further fit keeps them)."""
@@ -316,24 +344,41 @@ class MaskInit(Callback, MaskOwner):
         """
         if self.masks.version != self._logged_version:
             self._logged_version = self.masks.version
-            log_sparsity(pl_module, self.masks, per_layer=False, on_step=True)
+            log_sparsity(pl_module, self.masks, per_layer=False, on_step=True, requested=self._requested())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the sparsity curves at every epoch end, and the per-layer density heatmap."""
         self._repair_nonfinite()
-        log_sparsity(pl_module, self.masks, per_layer=self.log_layer_densities, on_step=False)
+        log_sparsity(
+            pl_module, self.masks, per_layer=self.log_layer_densities, on_step=False, requested=self._requested()
+        )
         if self.layer_report:
             self.density_history.record(trainer.current_epoch, self.masks)
-            log_density_heatmap(trainer, self.density_history)
+            if heatmap_due(len(self.density_history)):
+                self._draw_heatmap(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """In a ``validate`` run (not inside fit), log the sparsity of the evaluated model."""
+        if trainer.state.fn == "validate":
+            self._log_evaluated_sparsity(pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the sparsity of the tested model."""
+        self._log_evaluated_sparsity(pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the optimizer hooks (the masks stay available as ``mask_init.masks``); print the layer table."""
+        """Remove the optimizer hooks (the masks stay available as ``mask_init.masks``); report the layers."""
         self._remove_hooks()
         self._repair_nonfinite()
-        if self.layer_report:
-            report_layer_table(trainer, self.masks)
+        if self.verbose == 1:
+            rank_zero_info(f"MaskInit: at the end of fit, {sparsity_summary(self.masks, self._requested())[0]}")
+        if self.layer_report and self._heatmap_drawn != len(self.density_history):
+            self._draw_heatmap(trainer)
+        report_layer_table(trainer, self.masks, console=self.verbose >= 2, tensorboard=self.layer_report)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -372,6 +417,25 @@ class MaskInit(Callback, MaskOwner):
             self._checkpoint_ever_active = None if ever_active is None else dict(ever_active)
 
     # ---------------------------------------------------------------------------------------- internals
+    def _draw_heatmap(self, trainer: pl.Trainer) -> None:
+        log_density_heatmap(trainer, self.density_history)
+        self._heatmap_drawn = len(self.density_history)
+
+    def _requested(self) -> float | None:
+        return None if self.from_zeros else self.sparsity
+
+    def _log_evaluated_sparsity(self, pl_module: pl.LightningModule) -> None:
+        # Outside fit there may be no masks (a `test --ckpt_path` run): the zeros of the selected tensors are the
+        # sparsity of the model being evaluated, and equal the masks' after a fit (masked weights are exactly 0).
+        parameters = select_sparse_parameters(pl_module, self.include, self.exclude)
+        uses = parameter_uses(pl_module)
+        masks = SparseMasks(
+            parameters,
+            {name: param.detach() != 0 for name, param in parameters.items()},
+            uses={name: uses[name] for name in parameters},
+        )
+        log_sparsity(pl_module, masks, per_layer=False, on_step=False, requested=self._requested())
+
     def _warn_if_other_sparsity(self, masks: Mapping[str, Tensor]) -> None:
         saved = self._checkpoint_sparsity
         if self.from_zeros or self.sparsity is None or saved is None or math.isclose(saved, self.sparsity):

@@ -21,9 +21,7 @@ def _validate_sparsity(sparsity: float, what: str = "sparsity") -> None:
     if not isinstance(sparsity, Real) or isinstance(sparsity, bool):
         raise TypeError(f"{what} must be a float in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}"
-        )
+        raise ValueError(f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}")
 
 
 def erdos_renyi_score(shape: Sequence[int], kernel: bool = True) -> float:
@@ -87,8 +85,10 @@ def layer_densities(
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     _validate_sparsity(sparsity)
-    if isinstance(power_scale, bool) or not isinstance(power_scale, Real) or not (
-        math.isfinite(power_scale) and power_scale >= 0
+    if (
+        isinstance(power_scale, bool)
+        or not isinstance(power_scale, Real)
+        or not (math.isfinite(power_scale) and power_scale >= 0)
     ):
         raise ValueError(f"power_scale must be a finite number >= 0, got {power_scale!r}")
     if not shapes:

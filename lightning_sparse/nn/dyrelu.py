@@ -160,7 +160,6 @@ class DyReLU(nn.Module):
     sparsity_exempt = True
     """Its hyper-network is trained densely and never masked (docs/algorithms.md §3c); MaskInit skips it by default."""
 
-
     def __init__(
         self,
         channels: int,
@@ -175,9 +174,7 @@ class DyReLU(nn.Module):
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"DyReLU reduction must be a positive int, got {reduction!r}.")
         if isinstance(num_pieces, bool) or not isinstance(num_pieces, int) or num_pieces < 2:
-            raise ValueError(
-                f"DyReLU num_pieces must be an int >= 2 (ReLU needs two pieces), got {num_pieces!r}."
-            )
+            raise ValueError(f"DyReLU num_pieces must be an int >= 2 (ReLU needs two pieces), got {num_pieces!r}.")
         if len(lambdas) != 2:
             raise ValueError(f"DyReLU lambdas must be (lambda_a, lambda_b), got {lambdas!r}.")
         relu_coefficients = [1.0] + [0.0] * (2 * num_pieces - 1)
@@ -250,9 +247,7 @@ class DyReLU(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(
-                f"DyReLU expects an input of shape (N, C, *spatial), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"DyReLU expects an input of shape (N, C, *spatial), got shape {tuple(x.shape)}.")
         if x.shape[1] != self.channels:
             where = f" at '{self.site_name}'" if self.site_name else ""
             raise ValueError(

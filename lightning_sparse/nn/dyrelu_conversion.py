@@ -166,9 +166,7 @@ def _check_explicit_channels(channels: dict[str, int], relu_names: list[str]) ->
             raise ValueError(f"channels[{name!r}] must be a positive int, got {width!r}.")
 
 
-def _observe_widths(
-    module: nn.Module, example_input: torch.Tensor, relus: dict[str, nn.Module]
-) -> dict[str, int]:
+def _observe_widths(module: nn.Module, example_input: torch.Tensor, relus: dict[str, nn.Module]) -> dict[str, int]:
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(
             f"example_input must be a torch.Tensor batch accepted by the model, got {type(example_input).__name__}."

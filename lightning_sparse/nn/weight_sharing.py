@@ -275,9 +275,7 @@ def effective_density_multiplier(module: nn.Module, param_names: list[str]) -> f
             f"'{name}' is an alias of '{canonical[id(aliases[name])]}'" if name in aliases else f"'{name}' not found"
             for name in unknown
         ]
-        raise ValueError(
-            f"param_names must be canonical names from named_parameters(): {'; '.join(hints)}."
-        )
+        raise ValueError(f"param_names must be canonical names from named_parameters(): {'; '.join(hints)}.")
     real = sum(parameters[name].numel() for name in param_names)
     if real == 0:
         raise ValueError(f"The parameters {param_names} have no elements.")
@@ -351,7 +349,5 @@ def _reason_not_to_share(block: nn.Module, source_convs: dict[str, nn.Conv2d]) -
 
 
 def _conv_weight_count(model: nn.Module) -> int:
-    weights = {
-        id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, SharedConv2d))
-    }
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, SharedConv2d))}
     return sum(weights.values())
