@@ -262,7 +262,14 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, total_seconds: 
         rows,
     )
     name = result_name("channel_safety", args.quick)
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings = {
+        key: [str(v) for v in value]
+        if isinstance(value, list) and value and isinstance(value[0], Path)
+        else str(value)
+        if isinstance(value, Path)
+        else value
+        for key, value in vars(args).items()
+    }
     write_results(
         args.out,
         name,
