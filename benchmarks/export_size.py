@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
     """Run the benchmark, write JSON + Markdown, print the table and return the rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a WRN-10-1 instead of the ResNet-18 (smoke test)")
-    parser.add_argument("--output_dir", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and Markdown go")
     args = parser.parse_args(argv)
     model_name = "wrn10_1" if args.quick else "cifar_resnet18"
     rows = measure(model_name)
     stem = "export_size_quick" if args.quick else "export_size"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     target_row = next(row for row in rows if row["sparsity"] == TARGET_SPARSITY)
     payload = {
         "benchmark": "export_size",
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
         "target": {"sparsity": TARGET_SPARSITY, "max_ratio": TARGET_RATIO, "met": target_row["ratio"] <= TARGET_RATIO},
         "rows": rows,
     }
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     markdown = to_markdown(rows)
-    (args.output_dir / f"{stem}.md").write_text(markdown)
+    (args.out / f"{stem}.md").write_text(markdown)
     print(markdown)
     return rows
 

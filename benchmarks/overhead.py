@@ -60,7 +60,7 @@ def train(method: str, args: argparse.Namespace, seed: int) -> float:
     L.seed_everything(seed, verbose=False)
     steps = args.warmup + args.steps
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps * args.batch_size, 3, args.size, args.size, generator=generator)
+    x = torch.randn(steps * args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     y = torch.randint(0, 10, (steps * args.batch_size,), generator=generator)
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--every-n-steps", type=int, default=10)
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.steps, args.warmup, args.batch_size, args.size, args.width, args.every_n_steps = (
+        args.repeats, args.steps, args.warmup, args.batch_size, args.image_size, args.width, args.every_n_steps = (
             2, 6, 2, 8, 16, 4, 3)
     if args.cuda and not torch.cuda.is_available():
         parser.error("--cuda needs a CUDA device; none is available")
@@ -147,7 +147,7 @@ def main() -> None:
     lines = [
         f"# Training cost vs dense{' (QUICK setting, not the headline)' if args.quick else ''}",
         "",
-        f"{settings['model']}, 3x{args.size}x{args.size} generated images, batch {args.batch_size}, sparsity "
+        f"{settings['model']}, 3x{args.image_size}x{args.image_size} generated images, batch {args.batch_size}, sparsity "
         f"{args.sparsity}, topology updates every {args.every_n_steps} steps ({updates_in_window} inside each run's "
         f"{args.steps} timed steps); {args.repeats} interleaved repeats, medians; "
         f"{'CUDA' if args.cuda else f'CPU, {args.threads} torch thread(s)'}; memory: {memory_kind}; "

@@ -24,7 +24,7 @@ Usage::
 
     python benchmarks/step_overhead.py           # full: 2 models x batch 64/256 x 1/2 threads, 1 run pair each
     python benchmarks/step_overhead.py --quick   # a tiny CNN (about a minute on a loaded machine)
-    python benchmarks/step_overhead.py --models resnet18 --batch-size 64 --threads 1 2   # the headline rows
+    python benchmarks/step_overhead.py --models resnet18 --batch-sizes 64 --threads 1 2   # the headline rows
 
 The full default needs about 4 CPU-minutes (16 short fits and the profile): about 5 minutes on an idle 2-core
 machine, far longer while other jobs share the cores. Raise ``--repeats`` on a quiet machine.
@@ -135,7 +135,7 @@ def run(
     L.seed_everything(seed, verbose=False)
     total = args.warmup + steps
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(total * args.batch, 3, args.size, args.size, generator=generator)
+    x = torch.randn(total * args.batch, 3, args.image_size, args.image_size, generator=generator)
     y = torch.randint(0, 10, (total * args.batch,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch)
     reallocation = None
@@ -249,9 +249,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="dense/sparse run pairs per configuration")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", dest="batch_sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts")
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--every-n-steps", type=int, default=4, help="DSR period inside the benchmark (sampling)")
     parser.add_argument("--periods", type=int, nargs="+", default=[100, 1000], help="periods to amortise over")
@@ -259,7 +259,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
-        args.models, args.repeats, args.steps, args.warmup, args.batch_sizes, args.size = ["tiny"], 2, 6, 2, [8], 16
+        args.models, args.repeats, args.steps, args.warmup, args.batch_sizes, args.image_size = ["tiny"], 2, 6, 2, [8], 16
         args.every_n_steps, args.threads, args.profile_steps = 3, [1], 2
     warnings.filterwarnings("ignore")
     import logging
@@ -276,7 +276,7 @@ def main() -> None:
     lines = [
         f"# Training-step time: MaskInit + DynamicReallocation(dsr) vs dense{' (QUICK setting)' if args.quick else ''}",
         "",
-        f"Generated 3x{args.size}x{args.size} images, SGD Nesterov, sparsity {args.sparsity}, CSVLogger "
+        f"Generated 3x{args.image_size}x{args.image_size} images, SGD Nesterov, sparsity {args.sparsity}, CSVLogger "
         f"(log_every_n_steps=50) and the loss logged every step; {args.repeats} interleaved dense/sparse run pair(s) "
         f"per row, {args.warmup} warm-up + {args.steps} timed steps each, every step timed on its own; DSR every "
         f"{args.every_n_steps} steps to sample update steps. Medians over the steps. torch {torch.__version__}, "

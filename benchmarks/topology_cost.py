@@ -2,7 +2,7 @@
 
 Tensors: the shapes of torchvision's ResNet-50 conv and linear weights (54 tensors, 25.5M weights), He-normal values
 and uniform random masks at ``--density`` (0.1), random dense gradients for RigL (built by
-``benchmarks/reallocation_cost.py``'s helpers, imported). Every update replaces the same fraction ``--fraction``
+``benchmarks/reallocation_cost.py``'s helpers, imported). Every update replaces the same fraction ``--prune-fraction``
 (0.1) of the active weights:
 
 * **DSR** (docs/algorithms.md §2a): :func:`~lightning_sparse.functional.dsr.dsr_reallocate`, one global threshold
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three small tensors (smoke test)")
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--fraction", type=float, default=0.1, help="fraction of the active weights replaced")
+    parser.add_argument("--prune-fraction", type=float, default=0.1, help="fraction of the active weights replaced")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -68,15 +68,15 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     grads = [torch.randn(w.shape, generator=generator) for w in weights]
     active = int(sum(int(m.sum()) for m in masks))
-    num_prune = max(1, round(args.fraction * active))
+    num_prune = max(1, round(args.prune_fraction * active))
     active_magnitudes = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
     threshold = float(torch.kthvalue(active_magnitudes, num_prune).values) * (1 + 1e-6)
 
     functions = {
         "dsr": lambda: dsr_reallocate(weights, masks, threshold, num_prune, 0.1, torch.Generator().manual_seed(0)),
-        "set": lambda: [set_update(w, m, args.fraction, torch.Generator().manual_seed(0))
+        "set": lambda: [set_update(w, m, args.prune_fraction, torch.Generator().manual_seed(0))
                         for w, m in zip(weights, masks)],
-        "rigl": lambda: [rigl_update(w, g, m, args.fraction) for w, g, m in zip(weights, grads, masks)],
+        "rigl": lambda: [rigl_update(w, g, m, args.prune_fraction) for w, g, m in zip(weights, grads, masks)],
         "global_sort": lambda: topk_update(weights, masks, num_prune, torch.Generator().manual_seed(0), use_sort=True),
         "global_topk": lambda: topk_update(weights, masks, num_prune, torch.Generator().manual_seed(0), use_sort=False),
     }
