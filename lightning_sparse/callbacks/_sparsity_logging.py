@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_sparse.functional.channels import empty_channels
 from lightning_sparse.masks import SparseMasks
 
 
@@ -25,6 +26,8 @@ def sparsity_metrics(pl_module: pl.LightningModule, masks: SparseMasks, per_laye
     * ``sparsity/global_all_params``: masked weights over all parameters of the model (the ``dst`` package's);
     * ``sparsity/effective``: like ``global`` but counting a shared tensor once per use (only under sharing);
     * ``sparsity/nnz``: active weights in the sparse tensors;
+    * ``sparsity/empty_channels``: output channels (dim 0) of the sparse tensors with no active weight, the sign
+      of channel collapse at extreme sparsity (docs/troubleshooting.md);
     * ``sparsity/density/<name>``: each sparse tensor's density.
     """
     layer_nnz = masks.layer_nnz()
@@ -35,6 +38,7 @@ def sparsity_metrics(pl_module: pl.LightningModule, masks: SparseMasks, per_laye
         "sparsity/global": 1.0 - nnz / masks.numel(),
         "sparsity/global_all_params": masked / total_params,
         "sparsity/nnz": float(nnz),
+        "sparsity/empty_channels": float(sum(layer_empty_channels(masks).values())),
     }
     if any(count > 1 for count in masks.uses.values()):
         metrics["sparsity/effective"] = 1.0 - masks.effective_density()
@@ -42,6 +46,12 @@ def sparsity_metrics(pl_module: pl.LightningModule, masks: SparseMasks, per_laye
         for name, count in layer_nnz.items():
             metrics[f"sparsity/density/{name}"] = count / masks[name].numel()
     return metrics
+
+
+def layer_empty_channels(masks: SparseMasks) -> dict[str, int]:
+    """Tensor name -> its output channels (dim 0) with no active weight (one device sync for all tensors)."""
+    counts = torch.stack([empty_channels(mask).cpu() for mask in masks.values()]).tolist()
+    return dict(zip(masks, (int(count) for count in counts)))
 
 
 def log_sparsity(pl_module: pl.LightningModule, masks: SparseMasks, per_layer: bool, on_step: bool) -> None:
@@ -214,9 +224,15 @@ def log_density_heatmap(trainer: pl.Trainer, history: DensityHistory) -> None:
         logger.experiment.add_text(DENSITY_HEATMAP_TAG + "/legend", legend, global_step=trainer.global_step)
 
 
+def _channels(mask: Tensor) -> int:
+    return mask.shape[0] if mask.dim() >= 2 else 1
+
+
 def layer_table(masks: SparseMasks) -> str:
-    """A fixed-width table of every sparse tensor: name, shape, active weights, size, density; then the total."""
+    """A fixed-width table of every sparse tensor: name, shape, active weights, size, density, empty output channels
+    (of its channels); then the total."""
     counts = masks.layer_nnz()
+    empty = layer_empty_channels(masks)
     rows = [
         (
             name,
@@ -224,12 +240,16 @@ def layer_table(masks: SparseMasks) -> str:
             f"{counts[name]:,}",
             f"{masks[name].numel():,}",
             f"{counts[name] / masks[name].numel():.4f}",
+            f"{empty[name]:,}/{_channels(masks[name]):,}",
         )
         for name in masks
     ]
     total = sum(counts.values())
-    rows.append(("total", "", f"{total:,}", f"{masks.numel():,}", f"{total / masks.numel():.4f}"))
-    header = ("layer", "shape", "active", "weights", "density")
+    channels = sum(_channels(mask) for mask in masks.values())
+    rows.append(
+        ("total", "", f"{total:,}", f"{masks.numel():,}", f"{total / masks.numel():.4f}", f"{sum(empty.values()):,}/{channels:,}")
+    )
+    header = ("layer", "shape", "active", "weights", "density", "empty channels")
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
 
     def line(row: tuple[str, ...]) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
+from lightning_sparse.functional.channels import check_min_active_per_channel, feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
 from lightning_sparse.functional.distributions import DISTRIBUTIONS, active_counts, layer_densities
@@ -76,6 +77,15 @@ class CyclicSparsitySchedule(Callback):
         every_n_steps: optimizer steps between updates inside the cycles (the authors' code default: 100).
         distribution: ``"erk"``, ``"er"`` or ``"uniform"``; ``None`` uses MaskInit's.
         power_scale: exponent of the ER/ERK scores; ``None`` uses MaskInit's.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): a prune keeps the
+            ``min_active_per_channel`` largest-``|w|`` weights of every output channel (dim 0 of a sparse tensor), so
+            it never empties a channel; where a tensor's target count leaves too few weights above the floor, the
+            floor is lowered for that tensor and update only as far as the count requires. ``0`` turns channel
+            safety off and restores EAST's rules exactly, growth included. Default 1.
+        growth_rule: how growth ranks positions: ``"global"`` (largest ``|grad|`` over the tensor, EAST's code),
+            ``"channel_normalized"`` or ``"channel_capped"`` (see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`). ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0.
 
     Raises:
         TypeError: at construction, for an argument of the wrong type.
@@ -102,6 +112,8 @@ class CyclicSparsitySchedule(Callback):
         every_n_steps: int = 100,
         distribution: str | None = None,
         power_scale: float | None = None,
+        min_active_per_channel: int = 1,
+        growth_rule: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(max_multiplier, bool) or not isinstance(max_multiplier, (int, float)):
@@ -131,6 +143,8 @@ class CyclicSparsitySchedule(Callback):
         self.every_n_steps = every_n_steps
         self.distribution = distribution
         self.power_scale = power_scale
+        self.min_active_per_channel = check_min_active_per_channel(min_active_per_channel)
+        self.growth_rule = resolve_growth_rule(growth_rule, self.min_active_per_channel)
 
         self._owner: MaskOwner | None = None
         self._lengths: list[int] = []
@@ -321,9 +335,10 @@ class CyclicSparsitySchedule(Callback):
                 grad = params[name].grad
                 if grad is None:
                     return None
-                new_masks[name] = gradient_grow(grad, masks[name], difference)
+                new_masks[name] = gradient_grow(grad, masks[name], difference, rule=self.growth_rule)
             elif difference < 0:
-                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference)
+                floor = feasible_floor(masks[name], -difference, self.min_active_per_channel)
+                new_masks[name] = magnitude_drop(params[name].detach(), masks[name], -difference, floor)
         return new_masks
 
     def _layer_counts(self, masks: SparseMasks, target: int) -> dict[str, int]:

@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update
+from lightning_sparse.functional.channels import check_min_active_per_channel, resolve_growth_rule
+from lightning_sparse.functional.criteria import ROUNDINGS, cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
 from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
@@ -32,7 +33,6 @@ METHODS = ("dsr", "set", "rigl")
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
 _UPDATER_ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
-_FLOOR_EPSILON = 1e-9
 
 
 class DynamicReallocation(Callback):
@@ -103,6 +103,21 @@ class DynamicReallocation(Callback):
             ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
             SET and RigL only.
         seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
+        min_active_per_channel: channel safety (docs/troubleshooting.md): no update drops any of the
+            ``min_active_per_channel`` largest-``|w|`` weights of an output channel (dim 0 of a sparse tensor), so an
+            update never empties a channel (DSR's threshold prune, SET's and RigL's drop; SET and RigL then replace
+            at most the weights above the floor). ``0`` turns channel safety off and restores the published rules
+            exactly, RigL's growth included. Default 1.
+        growth_rule: how RigL ranks growth positions: ``"global"`` (RigL's largest ``|grad|`` over the tensor),
+            ``"channel_normalized"`` (``|grad|`` over its output channel's mean) or ``"channel_capped"`` (at most
+            an even share per channel); see
+            :data:`~lightning_sparse.functional.channels.GROWTH_RULES`. ``None``: ``"channel_normalized"`` when
+            ``min_active_per_channel > 0``, ``"global"`` when it is 0. RigL only.
+        drop_fraction_floor: the cosine-annealed fraction decays from ``drop_fraction`` to this value at
+            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, ALGORITHMS.md §3e).
+            ``None``: 0. RigL only.
+        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, ALGORITHMS.md §3a)
+            for the number of weights a tensor replaces. ``None``: ``"floor"``. SET and RigL only.
 
     Raises:
         ValueError: at construction, for an unknown method, ``every_n_steps < 1``, ``stop_at`` outside (0, 1], an
@@ -130,6 +145,10 @@ class DynamicReallocation(Callback):
         tolerance: float | None = None,
         drop_fraction: float | None = None,
         seed: int = 0,
+        min_active_per_channel: int = 1,
+        growth_rule: str | None = None,
+        drop_fraction_floor: float | None = None,
+        rounding: str | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -140,12 +159,19 @@ class DynamicReallocation(Callback):
 
         dsr_only = {"prune_target": prune_target, "initial_threshold": initial_threshold, "tolerance": tolerance}
         unused = [name for name, value in dsr_only.items() if value is not None] if method != "dsr" else []
-        if method == "dsr" and drop_fraction is not None:
-            unused.append("drop_fraction")
+        if method == "dsr":
+            unused += [name for name, value in (("drop_fraction", drop_fraction), ("rounding", rounding)) if value is not None]
+        if method != "rigl":
+            unused += [
+                name
+                for name, value in (("growth_rule", growth_rule), ("drop_fraction_floor", drop_fraction_floor))
+                if value is not None
+            ]
         if unused:
             raise ValueError(
                 f"method={method!r} does not use {', '.join(unused)}; remove it (prune_target, initial_threshold and "
-                "tolerance are DSR's, drop_fraction is SET's zeta and RigL's alpha)"
+                "tolerance are DSR's, drop_fraction and rounding are SET's and RigL's, growth_rule and "
+                "drop_fraction_floor are RigL's)"
             )
         self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
         self.initial_threshold = 1e-3 if initial_threshold is None else float(initial_threshold)
@@ -160,6 +186,16 @@ class DynamicReallocation(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
+        self.min_active_per_channel = check_min_active_per_channel(min_active_per_channel)
+        self.growth_rule = resolve_growth_rule(growth_rule, self.min_active_per_channel)
+        self.drop_fraction_floor = 0.0 if drop_fraction_floor is None else float(drop_fraction_floor)
+        if not 0.0 <= self.drop_fraction_floor <= self.drop_fraction:
+            raise ValueError(
+                f"drop_fraction_floor must be in [0, drop_fraction={self.drop_fraction}], got {drop_fraction_floor}"
+            )
+        self.rounding = "floor" if rounding is None else rounding
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(repr(r) for r in ROUNDINGS)}, got {rounding!r}")
 
         self._generator = torch.Generator().manual_seed(seed)
         self._threshold = self.initial_threshold
@@ -374,6 +410,7 @@ class DynamicReallocation(Callback):
             target_pruned=target,
             tolerance=self.tolerance,
             generator=self._generator,
+            min_active_per_channel=self.min_active_per_channel,
         )
         self._threshold = result.threshold
         if result.num_pruned == 0:
@@ -383,7 +420,7 @@ class DynamicReallocation(Callback):
     def _per_tensor(self, masks: SparseMasks, step: int, use_gradient: bool) -> tuple[dict[str, Tensor], int, int]:
         params = masks.parameters
         if use_gradient:
-            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction)
+            fraction = cosine_drop_fraction(step, self._stop_step, self.drop_fraction, self.drop_fraction_floor)
         else:
             fraction = self.drop_fraction
         self.last_drop_fraction = fraction
@@ -397,11 +434,21 @@ class DynamicReallocation(Callback):
             if use_gradient:
                 if param.grad is None:
                     continue  # unused in this step: nothing to rank growth by (see the class docstring)
-                update = rigl_update(param.detach(), param.grad, mask, fraction)
+                update = rigl_update(
+                    param.detach(),
+                    param.grad,
+                    mask,
+                    fraction,
+                    min_active_per_channel=self.min_active_per_channel,
+                    growth_rule=self.growth_rule,
+                    rounding=self.rounding,
+                )
             else:
                 # Regrowth excludes the just-dropped positions, so a nearly dense tensor replaces fewer.
-                count = min(math.floor(fraction * nnz + _FLOOR_EPSILON), mask.numel() - nnz)
-                update = set_update(param.detach(), mask, count / nnz, self._generator)
+                count = min(update_count(nnz, fraction, self.rounding), mask.numel() - nnz)
+                update = set_update(
+                    param.detach(), mask, count / nnz, self._generator, min_active_per_channel=self.min_active_per_channel
+                )
             new_masks[name] = update.mask
             dropped.append(update.dropped.sum())
             grown.append(update.grown.sum())

@@ -3,10 +3,23 @@
 * :mod:`~lightning_sparse.functional.distributions`: uniform / ER / ERK per-layer densities;
 * :mod:`~lightning_sparse.functional.dsr`: DSR's global-threshold prune, growth allocation, threshold update;
 * :mod:`~lightning_sparse.functional.criteria`: per-layer drop/grow selections (magnitude, gradient, random);
-* :mod:`~lightning_sparse.functional.cyclic`: EAST's cyclic density.
+* :mod:`~lightning_sparse.functional.cyclic`: EAST's cyclic density;
+* :mod:`~lightning_sparse.functional.channels`: output-channel views: empty channels, the per-channel floor,
+  channel-balanced growth.
 """
 
+from lightning_sparse.functional.channels import (
+    GROWTH_RULES,
+    channel_counts,
+    droppable_count,
+    empty_channels,
+    feasible_floor,
+    floor_protected,
+    growth_candidates,
+    growth_scores,
+)
 from lightning_sparse.functional.criteria import (
+    ROUNDINGS,
     MaskUpdate,
     cosine_drop_fraction,
     gradient_grow,
@@ -14,6 +27,7 @@ from lightning_sparse.functional.criteria import (
     random_grow,
     rigl_update,
     set_update,
+    update_count,
 )
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
 from lightning_sparse.functional.distributions import (
@@ -34,10 +48,19 @@ from lightning_sparse.functional.dsr import (
 __all__ = [
     "DISTRIBUTIONS",
     "DSRResult",
+    "GROWTH_RULES",
+    "ROUNDINGS",
     "MaskUpdate",
     "active_counts",
     "adapt_threshold",
     "allocate_growth",
+    "channel_counts",
+    "droppable_count",
+    "empty_channels",
+    "feasible_floor",
+    "floor_protected",
+    "growth_candidates",
+    "growth_scores",
     "cosine_drop_fraction",
     "cycle_lengths",
     "cycle_position",
@@ -52,4 +75,5 @@ __all__ = [
     "random_grow",
     "rigl_update",
     "set_update",
+    "update_count",
 ]

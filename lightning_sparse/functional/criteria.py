@@ -18,7 +18,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_sparse.functional.channels import droppable_count, floor_protected, growth_candidates, growth_scores
+
 __all__ = [
+    "ROUNDINGS",
     "MaskUpdate",
     "cosine_drop_fraction",
     "gradient_grow",
@@ -26,6 +29,7 @@ __all__ = [
     "random_grow",
     "rigl_update",
     "set_update",
+    "update_count",
 ]
 
 # Guards floor(fraction * nnz) against binary rounding, e.g. 0.29 * 100 == 28.999999999999996 must give 29.
@@ -100,24 +104,28 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def magnitude_drop(weight: Tensor, mask: Tensor, count: int) -> Tensor:
+def magnitude_drop(weight: Tensor, mask: Tensor, count: int, min_active_per_channel: int = 0) -> Tensor:
     """Deactivate the ``count`` active weights with the smallest magnitude.
 
     The drop criterion of SET (Mocanu et al. 2018, ALGORITHMS.md §4b) and RigL (Evci et al. 2020, §4a). Ties
     in |w| are broken by flat index (lowest index dropped first), which makes the result deterministic on every
-    device; RigL's code uses tiny noise instead.
+    device; RigL's code uses tiny noise instead. With ``min_active_per_channel = m > 0`` the ``m`` largest-|w|
+    weights of every output channel are never dropped (:func:`~lightning_sparse.functional.channels.floor_protected`;
+    docs/troubleshooting.md), so the drop cannot empty a channel.
 
     Args:
         weight: The layer's weight (dense storage), any shape.
         mask: Boolean mask of the same shape; True = active.
-        count: Number of active weights to remove, ``0 <= count <= mask.sum()``.
+        count: Number of active weights to remove, ``0 <= count <= mask.sum()`` (and, with a floor, at most
+            :func:`~lightning_sparse.functional.channels.droppable_count`).
+        min_active_per_channel: The floor of active weights per output channel (dim 0); 0 = no floor.
 
     Returns:
         The new mask (a new tensor) with exactly ``count`` fewer active positions.
 
     Raises:
         TypeError: If ``mask`` is not boolean or ``count`` is not an int.
-        ValueError: If shapes differ or ``count`` exceeds the number of active weights.
+        ValueError: If shapes differ or ``count`` exceeds the number of active weights (or of droppable ones).
 
     Example:
         >>> w = torch.tensor([0.5, -0.1, 0.0, 0.3])
@@ -130,24 +138,39 @@ def magnitude_drop(weight: Tensor, mask: Tensor, count: int) -> Tensor:
     num_active = int(torch.count_nonzero(mask))
     if count > num_active:
         raise ValueError(f"Cannot drop {count} weights from a layer with only {num_active} active weights.")
+    eligible = mask
+    if min_active_per_channel:
+        eligible = mask & ~floor_protected(weight, mask, min_active_per_channel)
+        num_eligible = int(torch.count_nonzero(eligible))
+        if count > num_eligible:
+            raise ValueError(
+                f"Cannot drop {count} weights while keeping {min_active_per_channel} per output channel: only "
+                f"{num_eligible} are above the floor. Drop fewer, or lower min_active_per_channel."
+            )
     if count == 0:
         return mask.clone()
     magnitude = weight.detach().abs().to(_score_dtype(weight.dtype))
-    return mask & ~_select_smallest(magnitude, mask, count)
+    return mask & ~_select_smallest(magnitude, eligible, count)
 
 
-def gradient_grow(grad: Tensor, mask: Tensor, count: int, excluded: Tensor | None = None) -> Tensor:
+def gradient_grow(
+    grad: Tensor, mask: Tensor, count: int, excluded: Tensor | None = None, rule: str = "global"
+) -> Tensor:
     """Activate the ``count`` inactive positions with the largest gradient magnitude.
 
     The growth criterion of RigL (Evci et al. 2020, ALGORITHMS.md §4a) and of EAST's cyclic grow phase (§3e).
     ``grad`` must be the *dense* gradient (ALGORITHMS.md §1): gradients already masked to zero at inactive
-    positions carry no information. Ties in |grad| are broken by flat index (lowest index first).
+    positions carry no information. Ties in |grad| are broken by flat index (lowest index first). ``rule``
+    chooses how positions are compared (:data:`~lightning_sparse.functional.channels.GROWTH_RULES`): ``"global"``
+    is RigL's rule; the channel-balanced rules keep an output channel with BatchNorm-inflated gradients from taking
+    more than its share (docs/troubleshooting.md).
 
     Args:
         grad: Dense gradient of the layer's weight, same shape as ``mask``.
         mask: Boolean mask; True = active. Active positions are never selected.
         count: Number of positions to activate.
         excluded: Optional boolean mask of inactive positions that must not be grown.
+        rule: ``"global"``, ``"channel_normalized"`` or ``"channel_capped"``.
 
     Returns:
         The new mask (a new tensor) with exactly ``count`` more active positions.
@@ -172,8 +195,11 @@ def gradient_grow(grad: Tensor, mask: Tensor, count: int, excluded: Tensor | Non
         )
     if count == 0:
         return mask.clone()
-    neg_magnitude = -grad.detach().abs().to(_score_dtype(grad.dtype))
-    return mask | _select_smallest(neg_magnitude, candidates, count)
+    if rule == "global":
+        neg_magnitude = -grad.detach().abs().to(_score_dtype(grad.dtype))
+        return mask | _select_smallest(neg_magnitude, candidates, count)
+    scores = growth_scores(grad, candidates, rule)
+    return mask | _select_smallest(-scores, growth_candidates(scores, candidates, count, rule), count)
 
 
 def random_grow(
@@ -263,25 +289,31 @@ def _draw_distinct_candidates(
     return distinct[keep.to(distinct.device)]
 
 
-def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3) -> float:
-    """RigL's cosine-annealed drop fraction f(t) = initial/2 * (1 + cos(pi * t / T_end)), 0 from ``end_step`` on.
+def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3, floor: float = 0.0) -> float:
+    """Cosine-annealed drop fraction ``f(t) = floor + (initial - floor)/2 * (1 + cos(pi * t / T_end))``.
 
-    Evci et al. 2020 (ALGORITHMS.md §4a); the default ``initial`` is RigL's alpha = 0.3.
+    With ``floor = 0`` this is RigL's schedule (Evci et al. 2020, ALGORITHMS.md §4a; the default ``initial`` is
+    RigL's alpha = 0.3), 0 from ``end_step`` on. EAST's code anneals 0.5 to a floor of 0.005 over the whole run
+    (``initial=0.5, floor=0.005``, ALGORITHMS.md §3a, §3e), and keeps the floor from ``end_step`` on.
 
     Args:
         step: Current training step t (>= 0).
-        end_step: T_end, the step at which the fraction reaches 0 (> 0).
+        end_step: T_end, the step at which the fraction reaches ``floor`` (> 0).
         initial: The fraction alpha at step 0, in [0, 1].
+        floor: The fraction at and after ``end_step``, in [0, ``initial``].
 
     Returns:
         The drop fraction at ``step``.
 
     Raises:
-        ValueError: If ``step < 0``, ``end_step <= 0`` or ``initial`` is outside [0, 1].
+        ValueError: If ``step < 0``, ``end_step <= 0``, ``initial`` is outside [0, 1] or ``floor`` outside
+            [0, ``initial``].
 
     Example:
         >>> cosine_drop_fraction(50, 100, 0.3)
         0.15
+        >>> cosine_drop_fraction(50, 100, 0.5, floor=0.005)
+        0.2525
     """
     if step < 0:
         raise ValueError(f"`step` must be >= 0, got {step}.")
@@ -289,16 +321,43 @@ def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3) -> floa
         raise ValueError(f"`end_step` must be > 0, got {end_step}.")
     if not 0.0 <= initial <= 1.0:
         raise ValueError(f"`initial` drop fraction must be in [0, 1], got {initial}.")
+    if not 0.0 <= floor <= initial:
+        raise ValueError(f"`floor` of the drop fraction must be in [0, initial={initial}], got {floor}.")
     if step >= end_step:
-        return 0.0
-    return initial / 2.0 * (1.0 + math.cos(math.pi * step / end_step))
+        return floor
+    return floor + (initial - floor) / 2.0 * (1.0 + math.cos(math.pi * step / end_step))
 
 
-def _update_count(mask: Tensor, drop_fraction: float) -> int:
-    """k = floor(drop_fraction * nnz) for one layer."""
+ROUNDINGS = ("floor", "ceil")
+"""How a drop fraction becomes a count: RigL's and SET's ``floor(f * nnz)``, or EAST's code's ``ceil(f * nnz)``."""
+
+
+def update_count(nnz: int, drop_fraction: float, rounding: str = "floor") -> int:
+    """The number of weights to replace: ``floor(drop_fraction * nnz)`` or ``ceil(drop_fraction * nnz)``.
+
+    RigL and SET round down (ALGORITHMS.md §4a, §4b); EAST's code rounds up (§3a), so every layer swaps at least one
+    weight at every update while the fraction is above 0. Both are guarded against binary rounding
+    (``0.29 * 100`` gives 29 either way).
+
+    Raises:
+        ValueError: for a fraction outside [0, 1] or an unknown rounding.
+
+    Example:
+        >>> update_count(10, 0.005), update_count(10, 0.005, "ceil"), update_count(100, 0.29, "ceil")
+        (0, 1, 29)
+    """
     if not 0.0 <= drop_fraction <= 1.0:
         raise ValueError(f"`drop_fraction` must be in [0, 1], got {drop_fraction}.")
-    return math.floor(drop_fraction * int(torch.count_nonzero(mask)) + _FLOOR_EPSILON)
+    if rounding == "floor":
+        return math.floor(drop_fraction * nnz + _FLOOR_EPSILON)
+    if rounding == "ceil":
+        return math.ceil(drop_fraction * nnz - _FLOOR_EPSILON)
+    raise ValueError(f"`rounding` must be one of {ROUNDINGS}, got {rounding!r}.")
+
+
+def _update_count(mask: Tensor, drop_fraction: float, rounding: str = "floor") -> int:
+    """k = floor (or ceil) of drop_fraction * nnz for one layer."""
+    return update_count(int(torch.count_nonzero(mask)), drop_fraction, rounding)
 
 
 def _net_update(old_mask: Tensor, new_mask: Tensor) -> MaskUpdate:
@@ -306,19 +365,25 @@ def _net_update(old_mask: Tensor, new_mask: Tensor) -> MaskUpdate:
 
 
 def set_update(
-    weight: Tensor, mask: Tensor, drop_fraction: float, generator: torch.Generator | None = None
+    weight: Tensor,
+    mask: Tensor,
+    drop_fraction: float,
+    generator: torch.Generator | None = None,
+    min_active_per_channel: int = 0,
 ) -> MaskUpdate:
     """One SET prune-and-regrow step for one layer, as re-implemented by DSR (ALGORITHMS.md §4b, §2b).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates k positions drawn
     uniformly at random among the positions that were inactive before the update (the just-dropped ones are
-    excluded). The layer's number of active weights is unchanged.
+    excluded). The layer's number of active weights is unchanged. With a floor of ``m`` active weights per output
+    channel, the ``m`` largest-|w| weights of each channel are kept and k is at most the number above the floor.
 
     Args:
         weight: The layer's weight.
         mask: Boolean mask of the same shape; True = active.
         drop_fraction: The fraction zeta of active weights to replace, in [0, 1].
         generator: Source of randomness for the regrowth (see :func:`random_grow`).
+        min_active_per_channel: The floor of active weights per output channel; 0 = none (SET's rule).
 
     Returns:
         ``MaskUpdate(mask, dropped, grown)``; ``dropped`` and ``grown`` are disjoint and of equal size k.
@@ -335,24 +400,40 @@ def set_update(
     """
     _check_mask(mask)
     count = _update_count(mask, drop_fraction)
-    kept = magnitude_drop(weight, mask, count)
+    if min_active_per_channel:
+        count = min(count, droppable_count(mask, min_active_per_channel))
+    kept = magnitude_drop(weight, mask, count, min_active_per_channel)
     new_mask = random_grow(kept, count, generator, excluded=mask)
     return _net_update(mask, new_mask)
 
 
-def rigl_update(weight: Tensor, grad: Tensor, mask: Tensor, drop_fraction: float) -> MaskUpdate:
+def rigl_update(
+    weight: Tensor,
+    grad: Tensor,
+    mask: Tensor,
+    drop_fraction: float,
+    min_active_per_channel: int = 0,
+    growth_rule: str = "global",
+    rounding: str = "floor",
+) -> MaskUpdate:
     """One RigL prune-and-regrow step for one layer (Evci et al. 2020, ALGORITHMS.md §4a).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates the k positions
     with the largest |grad| among all positions not kept (the just-dropped ones are eligible; a dropped and
     regrown position appears in neither ``dropped`` nor ``grown`` and keeps its value, as in RigL's code). The
-    layer's number of active weights is unchanged.
+    layer's number of active weights is unchanged. The defaults are RigL's rule; the channel-safe options
+    (docs/troubleshooting.md) keep ``min_active_per_channel`` weights in every output channel (k is then at most
+    the number above the floor) and rank growth by ``growth_rule``; ``rounding="ceil"`` is EAST's code's count
+    (ALGORITHMS.md §3a).
 
     Args:
         weight: The layer's weight.
         grad: The dense gradient of the weight for the current minibatch.
         mask: Boolean mask; True = active.
         drop_fraction: The fraction of active weights to replace, e.g. from :func:`cosine_drop_fraction`.
+        min_active_per_channel: The floor of active weights per output channel; 0 = none (RigL's rule).
+        growth_rule: One of :data:`~lightning_sparse.functional.channels.GROWTH_RULES`; ``"global"`` is RigL's.
+        rounding: ``"floor"`` (RigL) or ``"ceil"`` (EAST's code), see :func:`update_count`.
 
     Returns:
         ``MaskUpdate(mask, dropped, grown)`` with net changes; ``dropped`` and ``grown`` have equal size <= k.
@@ -367,7 +448,9 @@ def rigl_update(weight: Tensor, grad: Tensor, mask: Tensor, drop_fraction: float
         tensor([ True, False,  True,  True])
     """
     _check_mask(mask)
-    count = _update_count(mask, drop_fraction)
-    kept = magnitude_drop(weight, mask, count)
-    new_mask = gradient_grow(grad, kept, count)
+    count = _update_count(mask, drop_fraction, rounding)
+    if min_active_per_channel:
+        count = min(count, droppable_count(mask, min_active_per_channel))
+    kept = magnitude_drop(weight, mask, count, min_active_per_channel)
+    new_mask = gradient_grow(grad, kept, count, rule=growth_rule)
     return _net_update(mask, new_mask)

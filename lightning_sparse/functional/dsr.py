@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_sparse.functional.channels import floor_protected
 from lightning_sparse.functional.criteria import random_grow
 
 __all__ = [
@@ -54,18 +55,20 @@ def _check_paired(reference: Sequence[Tensor], other: Sequence[Tensor], name: st
 
 
 def dsr_prune(
-    weights: Sequence[Tensor], masks: Sequence[Tensor], threshold: float
+    weights: Sequence[Tensor], masks: Sequence[Tensor], threshold: float, min_active_per_channel: int = 0
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Prune every active weight whose magnitude is strictly below one global threshold H.
 
     Mostafa & Wang 2019, ALGORITHMS.md §2a step (1) and §2d.5. A layer is never emptied: if all its active
     weights fall below H, the one with the largest |w| is kept (lowest flat index on ties). Thresholding
-    only, no sort; no host synchronisation.
+    only, no sort; no host synchronisation. With ``min_active_per_channel = m > 0`` the ``m`` largest-|w|
+    weights of every output channel are kept whatever H (a per-channel sort; docs/troubleshooting.md).
 
     Args:
         weights: One weight tensor per sparse layer.
         masks: One boolean mask per layer, same shapes as ``weights``; True = active.
         threshold: The global magnitude threshold H (>= 0). ``|w| == H`` is kept.
+        min_active_per_channel: The floor of active weights per output channel (dim 0); 0 = none (DSR's rule).
 
     Returns:
         ``(kept_masks, pruned_masks)``: the masks after pruning, and the positions pruned in this step.
@@ -89,6 +92,8 @@ def dsr_prune(
         # float32 at least, so H is not rounded to half precision in the comparison.
         magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
         pruned = mask & (magnitude < threshold)
+        if min_active_per_channel:
+            pruned &= ~floor_protected(weight, mask, min_active_per_channel)
         pruned_masks.append(pruned)
         survivor_counts.append((torch.count_nonzero(mask) - torch.count_nonzero(pruned)).cpu())
     # One host sync for all layers; the (rare) layers that would be emptied are then rescued one by one.
@@ -321,6 +326,7 @@ def dsr_reallocate(
     target_pruned: int,
     tolerance: float = 0.1,
     generator: torch.Generator | None = None,
+    min_active_per_channel: int = 0,
 ) -> DSRResult:
     """One complete DSR reallocation: prune, allocate, regrow at random, adapt the threshold.
 
@@ -334,6 +340,8 @@ def dsr_reallocate(
         target_pruned: Np, the target number of prunes per reallocation.
         tolerance: delta, the fractional tolerance of the target band.
         generator: Source of randomness for allocation tie-breaks and growth.
+        min_active_per_channel: The prune keeps this many weights in every output channel
+            (:func:`dsr_prune`); 0 = DSR's rule.
 
     Returns:
         A :class:`DSRResult`.
@@ -348,7 +356,7 @@ def dsr_reallocate(
         >>> result.num_pruned, result.num_grown, int(result.masks[0].sum())
         (1, 1, 2)
     """
-    kept, pruned = dsr_prune(weights, masks, threshold)
+    kept, pruned = dsr_prune(weights, masks, threshold, min_active_per_channel)
     survivors = torch.stack([torch.count_nonzero(mask) for mask in kept]).to("cpu", torch.int64)
     pruned_counts = torch.stack([torch.count_nonzero(mask) for mask in pruned]).to("cpu", torch.int64)
     free_slots = torch.tensor([mask.numel() for mask in kept], dtype=torch.int64) - survivors - pruned_counts

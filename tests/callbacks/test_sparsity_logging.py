@@ -86,12 +86,13 @@ def test_density_history_records_replaces_and_round_trips():
     assert restored.epochs == [0, 1] and torch.equal(restored.densities(), history.densities())
 
 
-def test_layer_table_lists_shape_active_and_density():
+def test_layer_table_lists_shape_active_density_and_empty_channels():
     lines = layer_table(_masks(2, 3)).splitlines()
-    assert lines[0].split() == ["layer", "shape", "active", "weights", "density"]
-    assert lines[2].split() == ["fc.weight", "2x4", "2", "8", "0.2500"]
-    assert lines[3].split() == ["conv.weight", "3x2x1x1", "3", "6", "0.5000"]
-    assert lines[-1].split() == ["total", "5", "14", f"{5 / 14:.4f}"]
+    assert lines[0].split() == ["layer", "shape", "active", "weights", "density", "empty", "channels"]
+    # fc: 2 active weights, both in output row 0 of 2 -> 1 empty; conv: 3 of 6 in rows 0 and 1 of 3 -> 1 empty.
+    assert lines[2].split() == ["fc.weight", "2x4", "2", "8", "0.2500", "1/2"]
+    assert lines[3].split() == ["conv.weight", "3x2x1x1", "3", "6", "0.5000", "1/3"]
+    assert lines[-1].split() == ["total", "5", "14", f"{5 / 14:.4f}", "2/5"]
 
 
 def _events(log_dir) -> EventAccumulator:
@@ -147,3 +148,42 @@ def test_resumed_run_continues_the_picture(tmp_path):
     )
     assert resumed.density_history.epochs == [0, 1, 2]
     assert torch.equal(resumed.density_history.densities()[:, :2], first.density_history.densities())
+
+
+class _EmptyChannelRecorder(L.Callback):
+    """The true empty-channel count after every training batch, and the steps at which the masks changed."""
+
+    def __init__(self, mask_init: MaskInit) -> None:
+        self.mask_init = mask_init
+        self.version = -1
+        self.counts: dict[int, int] = {}
+        self.change_steps: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        masks = self.mask_init.masks
+        self.counts[batch_idx] = sum(int((m.reshape(m.shape[0], -1).sum(1) == 0).sum()) for m in masks.values())
+        if masks.version != self.version:
+            self.version = masks.version
+            self.change_steps.append(batch_idx)
+
+
+def test_empty_channels_are_logged_at_fit_start_and_after_every_topology_update(tmp_path):
+    from lightning_sparse import DynamicReallocation
+
+    logger = TensorBoardLogger(tmp_path, name="run")
+    mask_init = MaskInit(sparsity=0.97, seed=0, log_layer_densities=False)
+    # Floor 0: today's RigL, so the count moves at updates (7 empty channels at the start, 9 after the first).
+    reallocation = DynamicReallocation("rigl", every_n_steps=2, stop_at=1.0, min_active_per_channel=0)
+    recorder = _EmptyChannelRecorder(mask_init)
+    trainer = L.Trainer(
+        callbacks=[mask_init, reallocation, recorder],
+        **trainer_kwargs(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1),
+    )
+    trainer.fit(Classifier(), random_loader(n=96))
+    assert reallocation.num_updates == 5 and recorder.change_steps == [0, 2, 4, 6, 8, 10]
+    assert len(set(recorder.counts.values())) > 1, "the test needs a run in which the count changes"
+    events = _events(logger.log_dir).Scalars("sparsity/empty_channels")
+    logged = {event.step: event.value for event in events}
+    # At every step (the first one, each update step and between them) the curve shows the masks' true count.
+    assert {step: logged[step] for step in recorder.counts} == recorder.counts
+    assert events[-1].value == recorder.counts[max(recorder.counts)]  # the epoch-end value
