@@ -199,8 +199,9 @@ def east_callbacks(
     ``CyclicSparsitySchedule(3.0, cycles=2, cycle_length=0.2)`` (§3e) with updates every ``cycle_period`` steps
     (``None``: ``period``; the authors' code updates far more often inside the cycles than after them), then
     RigL-style prune-and-regrow every ``period`` steps to the end of training with the authors' post-cycle drop
-    fraction, 0.5 cosine-annealed over the whole run (§3e "After the cycles"). ``min_active_per_channel``: ``None``
-    keeps the library's default channel floor, ``0`` turns channel safety off.
+    fraction, 0.5 cosine-annealed to a floor of 0.005 over the whole run, counts rounded up (§3a, §3e "After the
+    cycles"). ``min_active_per_channel``: ``None`` keeps the library's default channel safety (floor and growth
+    rule), ``0`` turns it off (the published rules exactly).
     """
     safety = {} if min_active_per_channel is None else {"min_active_per_channel": min_active_per_channel}
     callbacks: list[L.Callback] = []
@@ -213,8 +214,8 @@ def east_callbacks(
     if cyclic:
         callbacks.append(CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2,
                                                 every_n_steps=cycle_period or period, **safety))
-    callbacks.append(DynamicReallocation("rigl", every_n_steps=period, stop_at=1.0, drop_fraction=0.5, seed=seed,
-                                         **safety))
+    callbacks.append(DynamicReallocation("rigl", every_n_steps=period, stop_at=1.0, drop_fraction=0.5,
+                                         drop_fraction_floor=0.005, rounding="ceil", seed=seed, **safety))
     return callbacks
 
 
@@ -435,3 +436,16 @@ def reusable_runs(path: Path | None, settings: Mapping[str, Any], keys: Sequence
     if differ:
         raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differ)}; rerun those arms instead")
     return [{**run, "reused_from": str(path)} for run in earlier["runs"]]
+
+
+def save_partial(out: Path, name: str, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the runs finished so far to ``<out>/<name>_partial.json`` (usable with ``--reuse``); returns the path.
+
+    A long benchmark killed before its end then loses no finished run; the file is removed when the results are
+    written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_partial.json"
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+    path.write_text(json.dumps({"settings": plain, "runs": list(runs)}) + "\n")
+    return path

