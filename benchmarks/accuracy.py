@@ -43,8 +43,8 @@ channels of the arms concerned.
 
 Usage::
 
-    python benchmarks/accuracy.py --workers 2   # full: 5 seeds (2 for dense and the moderate column), 500 steps
-    python benchmarks/accuracy.py --quick       # 2 seeds (1 at the moderate column), 1 epoch = 125 steps, P = 25
+    python benchmarks/accuracy.py --workers 2   # full: 5 seeds for the verdict cells, 1 for the others, 375 steps
+    python benchmarks/accuracy.py --quick       # 2 and 1 seeds, 1 epoch = 125 steps, P = 25
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ from lightning_sparse.schedules import SteppedPeriod  # noqa: E402
 
 ARMS = ("dense", "static", "set", "rigl", "dsr", "dsr_erk", "east")
 """The methods of the main table."""
+VERDICT_ARMS = ("static", "rigl", "east")
+"""The arms whose extreme-column cells decide verdict (a); the ablation arms decide (b)."""
 ABLATIONS = ("east_no_dyrelu", "east_no_sharing", "east_no_cyclic", "east_no_channel_safety")
 """The EAST stack with one part turned off, run at the extreme column."""
 LABELS = {
@@ -188,17 +190,22 @@ def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Names
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, float | None, int]]:
-    """Every (arm, sparsity, seed) to run, seed-major so that a partial log holds whole seeds."""
+    """Every (arm, sparsity, seed) to run, seed-major so that a partial log holds whole seeds.
+
+    The arms that decide the verdicts (static, RigL and EAST at the extreme column, and the ablation) run with
+    ``--seeds`` seeds; dense, the other columns and the other methods at the extreme column with ``--other-seeds``.
+    """
     extreme = max(args.sparsities)
     jobs: list[tuple[str, float | None, int]] = []
     for seed in range(args.seeds):
+        other = seed < args.other_seeds
         for arm in args.methods:
             if arm == "dense":
-                if seed < args.moderate_seeds:
+                if other:
                     jobs.append((arm, None, seed))
                 continue
             for sparsity in args.sparsities:
-                if sparsity == extreme or seed < args.moderate_seeds:
+                if other or (sparsity == extreme and arm in VERDICT_ARMS):
                     jobs.append((arm, sparsity, seed))
         if "east" in args.methods:
             jobs += [(arm, extreme, seed) for arm in args.ablations]
@@ -286,11 +293,11 @@ def schedule_lines(args: argparse.Namespace, steps: int, per_epoch: int) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds (1 at the moderate column), 1 epoch, P = 25")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of every arm at the extreme column, the ablation "
-                        "included (default 5; --quick: 2)")
-    parser.add_argument("--moderate-seeds", type=int, default=None, help="seeds of dense and of the other columns "
-                        "(default 2; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds for the verdict cells, 1 epoch, P = 25")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the cells that decide the verdicts: static, "
+                        "RigL, EAST and the ablation at the extreme column (default 5; --quick: 2)")
+    parser.add_argument("--other-seeds", type=int, default=None, help="seeds of every other cell: dense, the other "
+                        "columns, SET and both DSRs at the extreme column (default 1)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
                         "(default 3 = 375 steps; --quick: 1)")
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
@@ -313,7 +320,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.moderate_seeds = min(args.seeds, args.moderate_seeds or (1 if args.quick else 2))
+    args.other_seeds = min(args.seeds, args.other_seeds or 1)
     args.epochs = args.epochs or (1 if args.quick else 3)
     args.period = args.period or (25 if args.quick else 40)
     args.sparsities = sorted(args.sparsities)
@@ -355,8 +362,8 @@ def main() -> None:
         f"# Accuracy vs sparsity{' (QUICK setting: few seeds and steps; not the headline)' if args.quick else ''}",
         "",
         f"{model_text} on {data_text}; batch {args.batch_size}, SGD Nesterov lr {args.lr}, cosine per step. "
-        f"Seeds: {args.seeds} for every arm at the extreme column ({extreme}), the ablation included; "
-        f"{args.moderate_seeds} for dense and at the other column(s). CPU, {args.threads} torch thread(s) per run, "
+        f"Seeds: {args.seeds} for the cells that decide the verdicts (static, RigL, EAST and the ablation at "
+        f"{extreme}); {args.other_seeds} for every other cell (dense, the other column(s), SET and both DSRs). CPU, {args.threads} torch thread(s) per run, "
         f"{args.workers} run(s) in parallel; total {total_seconds / 60:.1f} min wall, measured while other jobs "
         f"shared the machine's {__import__('os').cpu_count()} cores.",
         "",

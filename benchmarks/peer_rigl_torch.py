@@ -25,8 +25,8 @@ cannot be imported the results say why and give the pip command; nothing is inst
 
 Usage::
 
-    python benchmarks/peer_rigl_torch.py           # full: 5 seeds, 16 epochs (992 steps), sparsities 0.9 and 0.99
-    python benchmarks/peer_rigl_torch.py --quick   # 2 seeds, 4 epochs
+    python benchmarks/peer_rigl_torch.py           # full: 5 seeds at 0.99 (2 at 0.9), 375 steps
+    python benchmarks/peer_rigl_torch.py --quick   # 2 and 1 seeds, 125 steps
 """
 
 from __future__ import annotations
@@ -154,7 +154,10 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25")
-    parser.add_argument("--seeds", type=int, default=None, help="default 5 (--quick: 2)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the extreme column's peer_static, peer_rigl "
+                        "and ours_rigl (default 5; --quick: 2)")
+    parser.add_argument("--other-seeds", type=int, default=None, help="seeds of the other columns and of "
+                        "ours_rigl_floor0 (default 2; --quick: 1)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
                         "(default 3 = 375 steps; --quick: 1)")
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
+    args.other_seeds = min(args.seeds, args.other_seeds or (1 if args.quick else 2))
     args.epochs = args.epochs or (1 if args.quick else 3)
     args.period = args.period or (25 if args.quick else 40)
     args.sparsities = sorted(args.sparsities)
@@ -186,7 +190,10 @@ def main() -> None:
     planned = []
     for seed in range(args.seeds):
         for sparsity in args.sparsities:
-            kinds = [*KINDS, *(EXTREME_KINDS if sparsity == extreme else ())]
+            if sparsity == extreme:
+                kinds = [*KINDS, "peer_static", *(["ours_rigl_floor0"] if seed < args.other_seeds else [])]
+            else:
+                kinds = list(KINDS) if seed < args.other_seeds else []
             planned += [(kind, sparsity, seed) for kind in kinds
                         if kind in args.kinds and (peer is not None or not kind.startswith("peer"))]
     reused = reusable_runs(args.reuse, vars(args), ["epochs", "batches", "period", "width", "blocks", "image_size",
@@ -240,7 +247,7 @@ def main() -> None:
              f"{settings['model']} on {settings['data']}; {steps} steps, batch {args.batch_size}, SGD Nesterov lr "
              f"{args.lr} cosine per step; RigL every {args.period} steps, drop fraction 0.3 cosine-decayed, stop at "
              f"75% ({(int(0.75 * steps) - 1) // args.period} updates); uniform sparsity over the convs, stem and "
-             f"classifier dense in both arms (stem density measured below); {args.seeds} seeds. CPU, "
+             f"classifier dense in both arms (stem density measured below); {args.seeds} seeds at the extreme column ({extreme}), {args.other_seeds} for the other column(s) and ours_rigl_floor0. CPU, "
              f"{args.threads} torch thread(s) per run, {args.workers} run(s) in parallel; total "
              f"{total_seconds / 60:.1f} min, measured while other jobs shared the machine's cores (step times are "
              "indicative only).", ""]
