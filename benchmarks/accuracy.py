@@ -100,10 +100,16 @@ VERDICT_ARMS = ("static", "rigl", "east")
 ABLATIONS = ("east_no_dyrelu", "east_no_sharing", "east_no_cyclic", "east_no_channel_safety")
 """The EAST stack with one part turned off, run at the extreme column."""
 LABELS = {
-    "dense": "dense", "static": "static ERK mask", "set": "SET", "rigl": "RigL",
-    "dsr": "DSR (paper: uniform over the blocks' 3x3 convs)", "dsr_erk": "DSR (ERK everywhere)",
-    "east": "EAST stack (full)", "east_no_dyrelu": "EAST without DyReLU phase-out",
-    "east_no_sharing": "EAST without weight sharing", "east_no_cyclic": "EAST without cyclic sparsity",
+    "dense": "dense",
+    "static": "static ERK mask",
+    "set": "SET",
+    "rigl": "RigL",
+    "dsr": "DSR (paper: uniform over the blocks' 3x3 convs)",
+    "dsr_erk": "DSR (ERK everywhere)",
+    "east": "EAST stack (full)",
+    "east_no_dyrelu": "EAST without DyReLU phase-out",
+    "east_no_sharing": "EAST without weight sharing",
+    "east_no_cyclic": "EAST without cyclic sparsity",
     "east_no_channel_safety": "EAST with channel safety off (min_active_per_channel=0)",
 }
 DSR_PAPER_NP_RATIO = 20_000 / 145_152  # WRN-28-2 at s = 0.9: Np over the active weights (docs/algorithms.md §2b)
@@ -118,20 +124,40 @@ def arm_callbacks(arm: str, sparsity: float, seed: int, args: argparse.Namespace
         return []
     if arm == "dsr":
         net = build_net(args.width, args.blocks)
-        sparse = sum(p.numel() for name, p in net.named_parameters()
-                     if name.startswith("layer") and ".conv" in name and name.endswith(".weight"))
+        sparse = sum(
+            p.numel()
+            for name, p in net.named_parameters()
+            if name.startswith("layer") and ".conv" in name and name.endswith(".weight")
+        )
         prune_target = max(1, round(DSR_PAPER_NP_RATIO * (1.0 - sparsity) * sparse))
-        return [MaskInit(sparsity=sparsity, distribution="uniform", include=DSR_PAPER_INCLUDE, seed=seed,
-                         log_layer_densities=False, layer_report=False),
-                DynamicReallocation("dsr", every_n_steps=SteppedPeriod(period, milestones=MILESTONES),
-                                    prune_target=prune_target, seed=seed)]
+        return [
+            MaskInit(
+                sparsity=sparsity,
+                distribution="uniform",
+                include=DSR_PAPER_INCLUDE,
+                seed=seed,
+                log_layer_densities=False,
+                layer_report=False,
+            ),
+            DynamicReallocation(
+                "dsr", every_n_steps=SteppedPeriod(period, milestones=MILESTONES), prune_target=prune_target, seed=seed
+            ),
+        ]
     if arm.startswith("east"):
         off = arm.removeprefix("east_no_") if arm != "east" else ""
-        return east_callbacks(sparsity, seed, period, dyrelu=off != "dyrelu", sharing=off != "sharing",
-                              cyclic=off != "cyclic", cycle_period=max(1, period // 2),
-                              min_active_per_channel=0 if off == "channel_safety" else None)
-    mask_init = MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False,
-                         layer_report=False)
+        return east_callbacks(
+            sparsity,
+            seed,
+            period,
+            dyrelu=off != "dyrelu",
+            sharing=off != "sharing",
+            cyclic=off != "cyclic",
+            cycle_period=max(1, period // 2),
+            min_active_per_channel=0 if off == "channel_safety" else None,
+        )
+    mask_init = MaskInit(
+        sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False
+    )
     if arm == "static":
         return [mask_init]
     method = {"set": "set", "rigl": "rigl", "dsr_erk": "dsr"}[arm]
@@ -147,8 +173,11 @@ class ChannelProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         masks = self.owner.masks
-        self.at_start = {"empty": empty_output_channels(masks), "channels": output_channels(masks),
-                         "active": masks.nnz()}
+        self.at_start = {
+            "empty": empty_output_channels(masks),
+            "channels": output_channels(masks),
+            "active": masks.nnz(),
+        }
 
 
 def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -169,19 +198,35 @@ def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Names
     probe = ChannelProbe(owner) if owner is not None else None
     seconds = fit_lightning(model, loader, steps, callbacks + ([probe] if probe else []))
     accuracy = evaluate(model.net, data.x_test, data.y_test)
-    run: dict[str, Any] = {"arm": arm, "sparsity": sparsity, "seed": seed, "accuracy": accuracy, "steps": steps,
-                           "train_seconds": seconds, "final_train_loss": final_train_loss(model.losses, per_epoch)}
+    run: dict[str, Any] = {
+        "arm": arm,
+        "sparsity": sparsity,
+        "seed": seed,
+        "accuracy": accuracy,
+        "steps": steps,
+        "train_seconds": seconds,
+        "final_train_loss": final_train_loss(model.losses, per_epoch),
+    }
     if owner is None:
         weights = {n: p for n, p in model.named_parameters() if p.dim() > 1}
-        run.update(active_weights=sum(p.numel() for p in weights.values()), sparse_weights=0,
-                   sparse_output_channels=0, empty_channels_start=0, empty_channels_end=0, updates=0)
+        run.update(
+            active_weights=sum(p.numel() for p in weights.values()),
+            sparse_weights=0,
+            sparse_output_channels=0,
+            empty_channels_start=0,
+            empty_channels_end=0,
+            updates=0,
+        )
         return run
     masks = owner.masks
     reallocation = next(c for c in callbacks if isinstance(c, DynamicReallocation)) if arm != "static" else None
     cyclic = next((c for c in callbacks if isinstance(c, CyclicSparsitySchedule)), None)
     run.update(
-        active_weights=masks.nnz(), sparse_weights=masks.numel(), sparse_output_channels=output_channels(masks),
-        active_at_start=probe.at_start["active"], empty_channels_start=probe.at_start["empty"],
+        active_weights=masks.nnz(),
+        sparse_weights=masks.numel(),
+        sparse_output_channels=output_channels(masks),
+        active_at_start=probe.at_start["active"],
+        empty_channels_start=probe.at_start["empty"],
         empty_channels_end=empty_output_channels(masks),
         updates=(reallocation.num_updates if reallocation else 0) + (cyclic.num_updates if cyclic else 0),
         cyclic_updates=cyclic.num_updates if cyclic else 0,
@@ -222,8 +267,12 @@ def cells(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         mean, std = mean_std([r["accuracy"] for r in group])
         per_channel = [r["active_weights"] / r["sparse_output_channels"] for r in group if r["sparse_output_channels"]]
         summary[key] = {
-            "arm": group[0]["arm"], "sparsity": group[0]["sparsity"], "seeds": [r["seed"] for r in group],
-            "accuracy_by_seed": {r["seed"]: r["accuracy"] for r in group}, "mean": mean, "std": std,
+            "arm": group[0]["arm"],
+            "sparsity": group[0]["sparsity"],
+            "seeds": [r["seed"] for r in group],
+            "accuracy_by_seed": {r["seed"]: r["accuracy"] for r in group},
+            "mean": mean,
+            "std": std,
             "active_weights": round(statistics.fmean(r["active_weights"] for r in group)),
             "active_per_channel": statistics.fmean(per_channel) if per_channel else None,
             "sparse_output_channels": group[0]["sparse_output_channels"],
@@ -243,14 +292,17 @@ def verdicts(summary: dict[str, dict[str, Any]], extreme: float, ablations: list
     mean paired difference is not wholly below 0); (b) confirmed when the full EAST stack is not measurably below
     any ablation run. Each refuted case lists the measured final training loss and empty channels of both arms.
     """
+
     def cell(arm: str) -> dict[str, Any] | None:
         return summary.get(f"{arm}@{extreme}")
 
     def why(arm: str, reference: str) -> str:
         a, b = cell(arm), cell(reference)
-        return (f"{arm}: final train loss {a['final_train_loss']:.3f} vs {b['final_train_loss']:.3f} for {reference}, "
-                f"empty channels at the end {a['empty_channels_end']:.0f} vs {b['empty_channels_end']:.0f} "
-                f"(of {a['sparse_output_channels']})")
+        return (
+            f"{arm}: final train loss {a['final_train_loss']:.3f} vs {b['final_train_loss']:.3f} for {reference}, "
+            f"empty channels at the end {a['empty_channels_end']:.0f} vs {b['empty_channels_end']:.0f} "
+            f"(of {a['sparse_output_channels']})"
+        )
 
     result: dict[str, Any] = {}
     static = cell("static")
@@ -260,18 +312,28 @@ def verdicts(summary: dict[str, dict[str, Any]], extreme: float, ablations: list
             checks[arm] = paired_difference(cell(arm)["accuracy_by_seed"], static["accuracy_by_seed"])
     if len(checks) == 2:
         worse = [arm for arm, d in checks.items() if measurably_below(d)]
-        result["a_no_worse_than_static"] = {"status": "refuted" if worse else "confirmed", "differences": checks,
-                                            "worse": worse, "why": [why(arm, "static") for arm in worse]}
+        result["a_no_worse_than_static"] = {
+            "status": "refuted" if worse else "confirmed",
+            "differences": checks,
+            "worse": worse,
+            "why": [why(arm, "static") for arm in worse],
+        }
     else:
         result["a_no_worse_than_static"] = {"status": "untested (needs static, rigl and east)"}
     full = cell("east")
-    checks = {arm: paired_difference(full["accuracy_by_seed"], cell(arm)["accuracy_by_seed"])
-              for arm in ablations if full is not None and cell(arm) is not None}
+    checks = {
+        arm: paired_difference(full["accuracy_by_seed"], cell(arm)["accuracy_by_seed"])
+        for arm in ablations
+        if full is not None and cell(arm) is not None
+    }
     if checks:
         worse = [arm for arm, d in checks.items() if measurably_below(d)]
         result["b_full_east_at_least_as_good"] = {
-            "status": "refuted" if worse else "confirmed", "differences": checks, "worse_than": worse,
-            "why": [why("east", arm) for arm in worse]}
+            "status": "refuted" if worse else "confirmed",
+            "differences": checks,
+            "worse_than": worse,
+            "why": [why("east", arm) for arm in worse],
+        }
     else:
         result["b_full_east_at_least_as_good"] = {"status": "untested (needs east and its ablations)"}
     return result
@@ -294,17 +356,36 @@ def schedule_lines(args: argparse.Namespace, steps: int, per_epoch: int) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds for the verdict cells, 1 epoch, P = 25")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of the cells that decide the verdicts: static, "
-                        "RigL, EAST and the ablation at the extreme column (default 5; --quick: 2)")
-    parser.add_argument("--other-seeds", type=int, default=None, help="seeds of every other cell: dense, the other "
-                        "columns, SET and both DSRs at the extreme column (default 1)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
-                        "(default 3 = 375 steps; --quick: 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds of the cells that decide the verdicts: static, "
+        "RigL, EAST and the ablation at the extreme column (default 5; --quick: 2)",
+    )
+    parser.add_argument(
+        "--other-seeds",
+        type=int,
+        default=None,
+        help="seeds of every other cell: dense, the other columns, SET and both DSRs at the extreme column (default 1)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
+    )
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument("--period", type=int, default=None, help="topology-update period P in steps (default 40; "
-                        "--quick: 25)")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99],
-                        help="columns; the highest is the extreme column (0.99: about 3 active weights per channel)")
+    parser.add_argument(
+        "--period", type=int, default=None, help="topology-update period P in steps (default 40; --quick: 25)"
+    )
+    parser.add_argument(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=[0.9, 0.99],
+        help="columns; the highest is the extreme column (0.99: about 3 active weights per channel)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS)
     parser.add_argument("--width", type=int, default=8)
@@ -312,11 +393,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared "
-                        "machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
-    parser.add_argument("--reuse", type=Path, default=None, help="take the runs of an earlier results JSON with the "
-                        "same schedule instead of training them again (a benchmark run in parts)")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the runs of an earlier results JSON with the "
+        "same schedule instead of training them again (a benchmark run in parts)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
@@ -335,18 +422,22 @@ def main() -> None:
     print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
     context = multiprocessing.get_context("spawn")
     data = load_mnist(args.image_size)
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context, initializer=share_mnist,
-                                                initargs=(data, args.image_size)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        args.workers, mp_context=context, initializer=share_mnist, initargs=(data, args.image_size)
+    ) as pool:
         futures = [pool.submit(train_once, arm, sparsity, seed, args) for arm, sparsity, seed in jobs]
         for future in concurrent.futures.as_completed(futures):
             run = future.result()
             runs.append(run)
             partial = save_partial(args.out, result_name("accuracy", args.quick), vars(args), runs)
-            print(f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run['arm']:24s} "
-                  f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
-                  f"{run['final_train_loss']:.3f}, {run['active_weights']} active, empty channels "
-                  f"{run['empty_channels_start']}->{run['empty_channels_end']}, {run['updates']} updates, "
-                  f"{run['train_seconds']:.0f} s", flush=True)
+            print(
+                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run['arm']:24s} "
+                f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
+                f"{run['final_train_loss']:.3f}, {run['active_weights']} active, empty channels "
+                f"{run['empty_channels_start']}->{run['empty_channels_end']}, {run['updates']} updates, "
+                f"{run['train_seconds']:.0f} s",
+                flush=True,
+            )
     runs.sort(key=lambda r: (r["seed"], r["arm"], r["sparsity"] or 0.0))
     summary = cells(runs)
     decided = verdicts(summary, extreme, args.ablations)
@@ -380,56 +471,128 @@ def main() -> None:
         static = summary.get(f"static@{sparsity}")
         rows = []
         if dense is not None:
-            rows.append([LABELS["dense"], f"{dense['active_weights']:,}", "", f"{dense['mean']:.1f} ± {dense['std']:.1f}",
-                         "", "0", "0", f"{dense['final_train_loss']:.3f}", len(dense["seeds"])])
+            rows.append(
+                [
+                    LABELS["dense"],
+                    f"{dense['active_weights']:,}",
+                    "",
+                    f"{dense['mean']:.1f} ± {dense['std']:.1f}",
+                    "",
+                    "0",
+                    "0",
+                    f"{dense['final_train_loss']:.3f}",
+                    len(dense["seeds"]),
+                ]
+            )
         for arm in [a for a in args.methods if a != "dense"]:
             cell = summary[f"{arm}@{sparsity}"]
-            versus = ("" if arm == "static" or static is None
-                      else format_difference(paired_difference(cell["accuracy_by_seed"], static["accuracy_by_seed"])))
-            rows.append([LABELS[arm], f"{cell['active_weights']:,}", f"{cell['active_per_channel']:.1f}",
-                         f"{cell['mean']:.1f} ± {cell['std']:.1f}", versus,
-                         f"{cell['empty_channels_start']:.0f} -> {cell['empty_channels_end']:.0f} of "
-                         f"{cell['sparse_output_channels']}", f"{cell['updates']:.0f}",
-                         f"{cell['final_train_loss']:.3f}", len(cell["seeds"])])
+            versus = (
+                ""
+                if arm == "static" or static is None
+                else format_difference(paired_difference(cell["accuracy_by_seed"], static["accuracy_by_seed"]))
+            )
+            rows.append(
+                [
+                    LABELS[arm],
+                    f"{cell['active_weights']:,}",
+                    f"{cell['active_per_channel']:.1f}",
+                    f"{cell['mean']:.1f} ± {cell['std']:.1f}",
+                    versus,
+                    f"{cell['empty_channels_start']:.0f} -> {cell['empty_channels_end']:.0f} of "
+                    f"{cell['sparse_output_channels']}",
+                    f"{cell['updates']:.0f}",
+                    f"{cell['final_train_loss']:.3f}",
+                    len(cell["seeds"]),
+                ]
+            )
         regime = "extreme" if sparsity == extreme else "moderate"
         lines += [f"## Sparsity {sparsity} ({regime})", ""]
-        lines += markdown_table(["method", "active w", "w/ch", "test acc (%)", "Δ static (points)", "empty channels",
-                                 "updates", "loss", "seeds"], rows)
+        lines += markdown_table(
+            [
+                "method",
+                "active w",
+                "w/ch",
+                "test acc (%)",
+                "Δ static (points)",
+                "empty channels",
+                "updates",
+                "loss",
+                "seeds",
+            ],
+            rows,
+        )
         lines.append("")
     full = summary.get(f"east@{extreme}")
     if full is not None and args.ablations:
-        rows = [[LABELS["east"], f"{full['active_weights']:,}", f"{full['mean']:.1f} ± {full['std']:.1f}", "",
-                 f"{full['empty_channels_end']:.0f}", f"{full['final_train_loss']:.3f}"]]
+        rows = [
+            [
+                LABELS["east"],
+                f"{full['active_weights']:,}",
+                f"{full['mean']:.1f} ± {full['std']:.1f}",
+                "",
+                f"{full['empty_channels_end']:.0f}",
+                f"{full['final_train_loss']:.3f}",
+            ]
+        ]
         for arm in args.ablations:
             cell = summary[f"{arm}@{extreme}"]
-            rows.append([LABELS[arm], f"{cell['active_weights']:,}", f"{cell['mean']:.1f} ± {cell['std']:.1f}",
-                         format_difference(paired_difference(full["accuracy_by_seed"], cell["accuracy_by_seed"])),
-                         f"{cell['empty_channels_end']:.0f}", f"{cell['final_train_loss']:.3f}"])
+            rows.append(
+                [
+                    LABELS[arm],
+                    f"{cell['active_weights']:,}",
+                    f"{cell['mean']:.1f} ± {cell['std']:.1f}",
+                    format_difference(paired_difference(full["accuracy_by_seed"], cell["accuracy_by_seed"])),
+                    f"{cell['empty_channels_end']:.0f}",
+                    f"{cell['final_train_loss']:.3f}",
+                ]
+            )
         lines += [f"## EAST ablation at sparsity {extreme}", ""]
-        lines += markdown_table(["arm", "active w", "test acc (%)", "full − arm (points)", "empty channels (end)",
-                                 "loss"], rows)
+        lines += markdown_table(
+            ["arm", "active w", "test acc (%)", "full − arm (points)", "empty channels (end)", "loss"], rows
+        )
         lines.append("")
     a, b = decided["a_no_worse_than_static"], decided["b_full_east_at_least_as_good"]
     lines += ["## Verdicts (computed from the numbers above)", ""]
     if "differences" in a:
-        lines.append(f"**(a) At sparsity {extreme}, RigL and the EAST stack are no worse than the static mask: "
-                     f"{a['status'].upper()}.** " + "; ".join(f"{arm} − static {format_difference(d)}"
-                                                             for arm, d in a["differences"].items()) + "."
-                     + (" Why, measured: " + "; ".join(a["why"]) + "." if a["why"] else ""))
+        lines.append(
+            f"**(a) At sparsity {extreme}, RigL and the EAST stack are no worse than the static mask: "
+            f"{a['status'].upper()}.** "
+            + "; ".join(f"{arm} − static {format_difference(d)}" for arm, d in a["differences"].items())
+            + "."
+            + (" Why, measured: " + "; ".join(a["why"]) + "." if a["why"] else "")
+        )
     else:
         lines.append(f"**(a)** {a['status']}.")
     if "differences" in b:
         lines.append("")
-        lines.append(f"**(b) The full EAST stack is at least as good as each ablation: {b['status'].upper()}.** "
-                     + "; ".join(f"full − {arm.removeprefix('east_')} {format_difference(d)}"
-                                 for arm, d in b["differences"].items()) + "."
-                     + (" Why, measured: " + "; ".join(b["why"]) + "." if b["why"] else ""))
+        lines.append(
+            f"**(b) The full EAST stack is at least as good as each ablation: {b['status'].upper()}.** "
+            + "; ".join(
+                f"full − {arm.removeprefix('east_')} {format_difference(d)}" for arm, d in b["differences"].items()
+            )
+            + "."
+            + (" Why, measured: " + "; ".join(b["why"]) + "." if b["why"] else "")
+        )
     else:
         lines.append(f"**(b)** {b['status']}.")
-    lines += ["", "\"No worse\" / \"at least as good\": the 95% t-interval of the mean per-seed difference is not "
-              "wholly below 0; with few seeds this is a weak test, so read the intervals too."]
-    write_results(args.out, name, {"quick": args.quick, "settings": settings, "runs": runs, "summary": summary,
-                                   "verdicts": decided, "total_seconds": total_seconds}, lines)
+    lines += [
+        "",
+        '"No worse" / "at least as good": the 95% t-interval of the mean per-seed difference is not '
+        "wholly below 0; with few seeds this is a weak test, so read the intervals too.",
+    ]
+    write_results(
+        args.out,
+        name,
+        {
+            "quick": args.quick,
+            "settings": settings,
+            "runs": runs,
+            "summary": summary,
+            "verdicts": decided,
+            "total_seconds": total_seconds,
+        },
+        lines,
+    )
 
     figure, (left, right) = new_figure(12.0, 4.5, columns=2)
     positions = list(range(len(args.sparsities)))
@@ -439,17 +602,27 @@ def main() -> None:
                 left.axhline(dense["mean"], color="black", linestyle="--", label="dense")
             continue
         stats = [summary[f"{arm}@{s}"] for s in args.sparsities]
-        left.errorbar(positions, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
-                      label=arm)
-    left.set_xticks(positions, [f"{s}\n({summary[f'static@{s}']['active_per_channel']:.1f} w/ch)"
-                                if f"static@{s}" in summary else str(s) for s in args.sparsities])
+        left.errorbar(
+            positions, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3, label=arm
+        )
+    left.set_xticks(
+        positions,
+        [
+            f"{s}\n({summary[f'static@{s}']['active_per_channel']:.1f} w/ch)" if f"static@{s}" in summary else str(s)
+            for s in args.sparsities
+        ],
+    )
     left.set_xlabel("sparsity (ERK active weights per output channel)")
     left.set_ylabel("test accuracy (%)")
     left.set_title(f"Accuracy vs sparsity{' (quick)' if args.quick else ''}: MNIST {args.image_size}x{args.image_size}")
     left.legend(fontsize=8)
     arms = [a for a in ("static", "rigl", "east", *args.ablations) if f"{a}@{extreme}" in summary]
-    right.bar(range(len(arms)), [summary[f"{a}@{extreme}"]["mean"] for a in arms],
-              yerr=[summary[f"{a}@{extreme}"]["std"] for a in arms], capsize=3)
+    right.bar(
+        range(len(arms)),
+        [summary[f"{a}@{extreme}"]["mean"] for a in arms],
+        yerr=[summary[f"{a}@{extreme}"]["std"] for a in arms],
+        capsize=3,
+    )
     right.set_xticks(range(len(arms)), [a.replace("east_no_", "east -") for a in arms], rotation=30, fontsize=8)
     right.set_ylabel("test accuracy (%)")
     right.set_title(f"Extreme column {extreme}: static, RigL, EAST and its ablation")

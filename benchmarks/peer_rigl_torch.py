@@ -110,9 +110,17 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
     net = build_net(args.width, args.blocks)
     if kind.startswith("peer"):
         optimizer, lr_schedule = make_optimizer(net.parameters(), args.lr, steps)
-        scheduler = peer(net, optimizer, dense_allocation=1 - sparsity, T_end=int(0.75 * steps),
-                         sparsity_distribution="uniform", ignore_linear_layers=True, delta=args.period, alpha=0.3,
-                         static_topo=kind == "peer_static")
+        scheduler = peer(
+            net,
+            optimizer,
+            dense_allocation=1 - sparsity,
+            T_end=int(0.75 * steps),
+            sparsity_distribution="uniform",
+            ignore_linear_layers=True,
+            delta=args.period,
+            alpha=0.3,
+            static_topo=kind == "peer_static",
+        )
         losses: list[float] = []
         start = time.perf_counter()
         net.train()
@@ -132,51 +140,91 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
         seconds = time.perf_counter() - start
     else:
         floor = {"min_active_per_channel": 0} if kind == "ours_rigl_floor0" else {}
-        callbacks = [MaskInit(sparsity=sparsity, distribution="uniform", exclude=DENSE_PATTERNS, seed=seed,
-                              log_layer_densities=False, layer_report=False),
-                     DynamicReallocation("rigl", every_n_steps=args.period, stop_at=0.75, drop_fraction=0.3, seed=seed,
-                                         **floor)]
+        callbacks = [
+            MaskInit(
+                sparsity=sparsity,
+                distribution="uniform",
+                exclude=DENSE_PATTERNS,
+                seed=seed,
+                log_layer_densities=False,
+                layer_report=False,
+            ),
+            DynamicReallocation("rigl", every_n_steps=args.period, stop_at=0.75, drop_fraction=0.3, seed=seed, **floor),
+        ]
         model = CosineClassifier(net, args.lr, steps)
         seconds = fit_lightning(model, loader, steps, callbacks)
         losses = model.losses
     weights = {name: p for name, p in net.named_parameters() if p.dim() > 1}
     convs = sparse_convs(net)
-    return {"kind": kind, "sparsity": sparsity, "seed": seed, "accuracy": evaluate(net, data.x_test, data.y_test),
-            "active_weights": sum(int(p.count_nonzero()) for p in weights.values()),
-            "sparse_active_weights": sum(int(p.count_nonzero()) for p in convs.values()),
-            "sparse_output_channels": output_channels(convs), "empty_channels_end": empty_output_channels(convs),
-            "first_layer_density": int(net.conv1.weight.count_nonzero()) / net.conv1.weight.numel(),
-            "layer_densities": {n: int(p.count_nonzero()) / p.numel() for n, p in weights.items()},
-            "final_train_loss": final_train_loss(losses, per_epoch), "train_seconds": seconds, "steps": steps,
-            "step_seconds": seconds / steps}
+    return {
+        "kind": kind,
+        "sparsity": sparsity,
+        "seed": seed,
+        "accuracy": evaluate(net, data.x_test, data.y_test),
+        "active_weights": sum(int(p.count_nonzero()) for p in weights.values()),
+        "sparse_active_weights": sum(int(p.count_nonzero()) for p in convs.values()),
+        "sparse_output_channels": output_channels(convs),
+        "empty_channels_end": empty_output_channels(convs),
+        "first_layer_density": int(net.conv1.weight.count_nonzero()) / net.conv1.weight.numel(),
+        "layer_densities": {n: int(p.count_nonzero()) / p.numel() for n, p in weights.items()},
+        "final_train_loss": final_train_loss(losses, per_epoch),
+        "train_seconds": seconds,
+        "steps": steps,
+        "step_seconds": seconds / steps,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of the extreme column's peer_static, peer_rigl "
-                        "and ours_rigl (default 5; --quick: 2)")
-    parser.add_argument("--other-seeds", type=int, default=None, help="seeds of the other columns and of "
-                        "ours_rigl_floor0 (default 2; --quick: 1)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the 4,000 training images "
-                        "(default 3 = 375 steps; --quick: 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds of the extreme column's peer_static, peer_rigl and ours_rigl (default 5; --quick: 2)",
+    )
+    parser.add_argument(
+        "--other-seeds",
+        type=int,
+        default=None,
+        help="seeds of the other columns and of ours_rigl_floor0 (default 2; --quick: 1)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
+    )
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument("--period", type=int, default=None, help="RigL's update period in steps (default 40; "
-                        "--quick: 25)")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99],
-                        help="columns; the highest is the extreme column")
+    parser.add_argument(
+        "--period", type=int, default=None, help="RigL's update period in steps (default 40; --quick: 25)"
+    )
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.9, 0.99], help="columns; the highest is the extreme column"
+    )
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--blocks", type=int, nargs=4, default=[3, 3, 3, 3])
     parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared "
-                        "machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
-    parser.add_argument("--kinds", nargs="+", default=[*KINDS, *EXTREME_KINDS], choices=[*KINDS, *EXTREME_KINDS],
-                        help="runs to train (the last two at the extreme column only)")
-    parser.add_argument("--reuse", type=Path, default=None, help="take the runs of an earlier results JSON with the "
-                        "same schedule instead of training them again (a benchmark run in parts)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=[*KINDS, *EXTREME_KINDS],
+        choices=[*KINDS, *EXTREME_KINDS],
+        help="runs to train (the last two at the extreme column only)",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the runs of an earlier results JSON with the "
+        "same schedule instead of training them again (a benchmark run in parts)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.seeds = args.seeds or (2 if args.quick else 5)
@@ -194,26 +242,37 @@ def main() -> None:
                 kinds = [*KINDS, "peer_static", *(["ours_rigl_floor0"] if seed < args.other_seeds else [])]
             else:
                 kinds = list(KINDS) if seed < args.other_seeds else []
-            planned += [(kind, sparsity, seed) for kind in kinds
-                        if kind in args.kinds and (peer is not None or not kind.startswith("peer"))]
-    reused = reusable_runs(args.reuse, vars(args), ["epochs", "batches", "period", "width", "blocks", "image_size",
-                                                    "batch_size", "lr"])
+            planned += [
+                (kind, sparsity, seed)
+                for kind in kinds
+                if kind in args.kinds and (peer is not None or not kind.startswith("peer"))
+            ]
+    reused = reusable_runs(
+        args.reuse, vars(args), ["epochs", "batches", "period", "width", "blocks", "image_size", "batch_size", "lr"]
+    )
     runs = [r for r in reused if (r["kind"], r["sparsity"], r["seed"]) in set(planned)]
     done = {(r["kind"], r["sparsity"], r["seed"]) for r in runs}
     jobs = [job for job in planned if job not in done]
     print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
     data = load_mnist(args.image_size)
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=share_mnist, initargs=(data, args.image_size)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        args.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=share_mnist,
+        initargs=(data, args.image_size),
+    ) as pool:
         futures = [pool.submit(run, kind, sparsity, seed, args) for kind, sparsity, seed in jobs]
         for future in concurrent.futures.as_completed(futures):
             runs.append(future.result())
             r = runs[-1]
             partial = save_partial(args.out, result_name("peer_rigl_torch", args.quick), vars(args), runs)
-            print(f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {r['kind']:16s} "
-                  f"sparsity={r['sparsity']} seed={r['seed']}: {r['accuracy']:.1f}% loss {r['final_train_loss']:.3f}, "
-                  f"{r['active_weights']} active, {r['empty_channels_end']} empty channels, "
-                  f"{r['step_seconds'] * 1e3:.0f} ms/step", flush=True)
+            print(
+                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {r['kind']:16s} "
+                f"sparsity={r['sparsity']} seed={r['seed']}: {r['accuracy']:.1f}% loss {r['final_train_loss']:.3f}, "
+                f"{r['active_weights']} active, {r['empty_channels_end']} empty channels, "
+                f"{r['step_seconds'] * 1e3:.0f} ms/step",
+                flush=True,
+            )
     runs.sort(key=lambda r: (r["seed"], r["sparsity"], r["kind"]))
     summary: dict[str, dict[str, Any]] = {}
     for run_ in runs:
@@ -222,19 +281,31 @@ def main() -> None:
         group = cell.pop("runs")
         cell["mean"], cell["std"] = mean_std([r["accuracy"] for r in group])
         cell["accuracy_by_seed"] = {r["seed"]: r["accuracy"] for r in group}
-        for key in ("active_weights", "sparse_active_weights", "empty_channels_end", "final_train_loss",
-                    "first_layer_density", "step_seconds"):
+        for key in (
+            "active_weights",
+            "sparse_active_weights",
+            "empty_channels_end",
+            "final_train_loss",
+            "first_layer_density",
+            "step_seconds",
+        ):
             cell[key] = statistics.fmean(r[key] for r in group)
         cell["sparse_output_channels"] = group[0]["sparse_output_channels"]
         cell["kind"], cell["sparsity"], cell["seeds"] = group[0]["kind"], group[0]["sparsity"], len(group)
     comparisons: dict[str, dict[str, Any]] = {}
     for sparsity in args.sparsities:
-        pairs = [("ours_rigl", "peer_rigl"), ("peer_rigl", "peer_static"), ("ours_rigl", "peer_static"),
-                 ("ours_rigl_floor0", "peer_static"), ("ours_rigl", "ours_rigl_floor0")]
+        pairs = [
+            ("ours_rigl", "peer_rigl"),
+            ("peer_rigl", "peer_static"),
+            ("ours_rigl", "peer_static"),
+            ("ours_rigl_floor0", "peer_static"),
+            ("ours_rigl", "ours_rigl_floor0"),
+        ]
         for a, b in pairs:
             if f"{a}@{sparsity}" in summary and f"{b}@{sparsity}" in summary:
                 comparisons[f"{a} - {b} @ {sparsity}"] = paired_difference(
-                    summary[f"{a}@{sparsity}"]["accuracy_by_seed"], summary[f"{b}@{sparsity}"]["accuracy_by_seed"])
+                    summary[f"{a}@{sparsity}"]["accuracy_by_seed"], summary[f"{b}@{sparsity}"]["accuracy_by_seed"]
+                )
     total_seconds = time.perf_counter() - started
 
     name = result_name("peer_rigl_torch", args.quick)
@@ -242,34 +313,76 @@ def main() -> None:
     settings["model"] = f"CifarResNet(BasicBlock, {tuple(args.blocks)}, width={args.width}, in_channels=1)"
     settings["data"] = data.description
     steps = runs[0]["steps"]
-    lines = [f"# RigL side by side: rigl-torch 0.5.2 vs lightning-sparse"
-             f"{' (QUICK setting, not the headline)' if args.quick else ''}", "",
-             f"{settings['model']} on {settings['data']}; {steps} steps, batch {args.batch_size}, SGD Nesterov lr "
-             f"{args.lr} cosine per step; RigL every {args.period} steps, drop fraction 0.3 cosine-decayed, stop at "
-             f"75% ({(int(0.75 * steps) - 1) // args.period} updates); uniform sparsity over the convs, stem and "
-             f"classifier dense in both arms (stem density measured below); {args.seeds} seeds at the extreme column ({extreme}), {args.other_seeds} for the other column(s) and ours_rigl_floor0. CPU, "
-             f"{args.threads} torch thread(s) per run, {args.workers} run(s) in parallel; total "
-             f"{total_seconds / 60:.1f} min, measured while other jobs shared the machine's cores (step times are "
-             "indicative only).", ""]
+    lines = [
+        f"# RigL side by side: rigl-torch 0.5.2 vs lightning-sparse"
+        f"{' (QUICK setting, not the headline)' if args.quick else ''}",
+        "",
+        f"{settings['model']} on {settings['data']}; {steps} steps, batch {args.batch_size}, SGD Nesterov lr "
+        f"{args.lr} cosine per step; RigL every {args.period} steps, drop fraction 0.3 cosine-decayed, stop at "
+        f"75% ({(int(0.75 * steps) - 1) // args.period} updates); uniform sparsity over the convs, stem and "
+        f"classifier dense in both arms (stem density measured below); {args.seeds} seeds at the extreme column ({extreme}), {args.other_seeds} for the other column(s) and ours_rigl_floor0. CPU, "
+        f"{args.threads} torch thread(s) per run, {args.workers} run(s) in parallel; total "
+        f"{total_seconds / 60:.1f} min, measured while other jobs shared the machine's cores (step times are "
+        "indicative only).",
+        "",
+    ]
     if peer is None:
-        lines += [f"**rigl-torch was not compared**: importing it failed with `{why_not}`. Install it with "
-                  f"`{PIP_COMMAND}` and run again.", ""]
+        lines += [
+            f"**rigl-torch was not compared**: importing it failed with `{why_not}`. Install it with "
+            f"`{PIP_COMMAND}` and run again.",
+            "",
+        ]
         print(f"rigl-torch not importable ({why_not}); install it with: {PIP_COMMAND}")
     rows = []
     for cell in summary.values():
         active_per_channel = cell["sparse_active_weights"] / cell["sparse_output_channels"]
-        rows.append([cell["kind"], cell["sparsity"], f"{cell['mean']:.1f} ± {cell['std']:.1f}",
-                     f"{cell['active_weights']:,.0f}", f"{active_per_channel:.1f}", f"{cell['first_layer_density']:.2f}",
-                     f"{cell['empty_channels_end']:.0f} of {cell['sparse_output_channels']}",
-                     f"{cell['final_train_loss']:.3f}", f"{cell['step_seconds'] * 1e3:.0f}", cell["seeds"]])
-    lines += markdown_table(["run", "sparsity", "test acc (%)", "active w", "w/ch (sparse convs)", "stem density",
-                             "empty channels (end)", "loss", "ms/step", "seeds"], rows)
+        rows.append(
+            [
+                cell["kind"],
+                cell["sparsity"],
+                f"{cell['mean']:.1f} ± {cell['std']:.1f}",
+                f"{cell['active_weights']:,.0f}",
+                f"{active_per_channel:.1f}",
+                f"{cell['first_layer_density']:.2f}",
+                f"{cell['empty_channels_end']:.0f} of {cell['sparse_output_channels']}",
+                f"{cell['final_train_loss']:.3f}",
+                f"{cell['step_seconds'] * 1e3:.0f}",
+                cell["seeds"],
+            ]
+        )
+    lines += markdown_table(
+        [
+            "run",
+            "sparsity",
+            "test acc (%)",
+            "active w",
+            "w/ch (sparse convs)",
+            "stem density",
+            "empty channels (end)",
+            "loss",
+            "ms/step",
+            "seeds",
+        ],
+        rows,
+    )
     lines += ["", "Paired differences (points; mean ± std [95% t-interval] seeds above/equal/below):", ""]
     lines += markdown_table(["comparison", "difference"], [[k, format_difference(d)] for k, d in comparisons.items()])
-    write_results(args.out, name, {"quick": args.quick, "settings": settings, "peer_available": peer is not None,
-                                   "peer_unavailable_reason": why_not, "pip_command": PIP_COMMAND, "runs": runs,
-                                   "summary": summary, "paired_differences": comparisons,
-                                   "total_seconds": total_seconds}, lines)
+    write_results(
+        args.out,
+        name,
+        {
+            "quick": args.quick,
+            "settings": settings,
+            "peer_available": peer is not None,
+            "peer_unavailable_reason": why_not,
+            "pip_command": PIP_COMMAND,
+            "runs": runs,
+            "summary": summary,
+            "paired_differences": comparisons,
+            "total_seconds": total_seconds,
+        },
+        lines,
+    )
     figure, axes = new_figure(9.0, 4.0)
     keys = list(summary)
     axes.bar(range(len(keys)), [summary[k]["mean"] for k in keys], yerr=[summary[k]["std"] for k in keys], capsize=3)

@@ -14,12 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script, extra arguments that make --quick smaller still, keys the JSON must hold
 CASES = [
-    ("accuracy", ["--seeds", "1", "--batches", "3", "--period", "2", "--sparsities", "0.9", "0.99", "--workers", "2"],
-     ["machine", "settings", "runs", "summary", "verdicts"]),
-    ("overhead", ["--repeats", "1"], ["machine", "median_step_seconds", "time_ratio", "peak_memory_bytes", "memory_ratio"]),
+    (
+        "accuracy",
+        ["--seeds", "1", "--batches", "3", "--period", "2", "--sparsities", "0.9", "0.99", "--workers", "2"],
+        ["machine", "settings", "runs", "summary", "verdicts"],
+    ),
+    (
+        "overhead",
+        ["--repeats", "1"],
+        ["machine", "median_step_seconds", "time_ratio", "peak_memory_bytes", "memory_ratio"],
+    ),
     ("topology_cost", [], ["machine", "median_seconds", "ratio_to_global_sort"]),
-    ("peer_rigl_torch", ["--seeds", "1", "--batches", "3", "--period", "2"],
-     ["machine", "peer_available", "peer_unavailable_reason", "summary", "paired_differences"]),
+    (
+        "peer_rigl_torch",
+        ["--seeds", "1", "--batches", "3", "--period", "2"],
+        ["machine", "peer_available", "peer_unavailable_reason", "summary", "paired_differences"],
+    ),
 ]
 
 
@@ -28,7 +38,11 @@ def test_benchmark_quick_writes_results(tmp_path: Path, script: str, extra: list
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(tmp_path), *extra],
-        check=True, env=env, cwd=ROOT, capture_output=True, timeout=300,
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
     )
     result = json.loads((tmp_path / f"{script}_quick.json").read_text())
     assert result["quick"] is True
@@ -53,4 +67,3 @@ def test_benchmark_quick_writes_results(tmp_path: Path, script: str, extra: list
     if script == "peer_rigl_torch" and result["peer_available"]:  # same layer layout: the stem dense in both arms
         densities = {run["kind"]: run["first_layer_density"] for run in result["runs"]}
         assert densities["peer_rigl"] == densities["ours_rigl"] == 1.0
-
