@@ -27,8 +27,8 @@ At the extreme column (the highest ``--sparsities``) the EAST ablation runs the 
 weight sharing and cyclic sparsity turned off in turn, and with channel safety off (``min_active_per_channel=0``:
 the published rules, RigL's global gradient growth included).
 
-The budget is what two shared CPU cores allow for about 90 runs: 500 steps of batch 32 with an update every
-P = 50 steps (RigL: 7 updates, 50 steps apart, 25% of the run with a fixed mask at the end), against the 400 steps
+The budget is what two shared CPU cores allow for 45 runs: 375 steps of batch 32 with an update every
+P = 40 steps (RigL: 7 updates, 40 steps apart, 25% of the run with a fixed mask at the end), against the 400 steps
 with 30% of the weights swapped every 20 steps of this benchmark's first version. The papers' runs are far longer
 (RigL on CIFAR-10: an update every 100 steps for tens of thousands of steps); ``--epochs`` and ``--period`` scale
 it.
@@ -43,7 +43,7 @@ channels of the arms concerned.
 
 Usage::
 
-    python benchmarks/accuracy.py --workers 2   # full: 5 seeds for the verdict cells, 1 for the others, 375 steps
+    python benchmarks/accuracy.py --workers 5   # full: 5 seeds for the verdict cells, 1 for the others, 375 steps
     python benchmarks/accuracy.py --quick       # 2 and 1 seeds, 1 epoch = 125 steps, P = 25
 """
 
