@@ -115,15 +115,24 @@ class EmptyChannelTracker(L.Callback):
         self._record(trainer.global_step)
 
 
-def stack(kind: str, sparsity: float, seed: int, period: int, floor: int, rule: str) -> tuple[list[L.Callback], MaskInit]:
-    mask_init = MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False)
+def stack(
+    kind: str, sparsity: float, seed: int, period: int, floor: int, rule: str
+) -> tuple[list[L.Callback], MaskInit]:
+    mask_init = MaskInit(
+        sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False
+    )
     if kind == "static":
         return [mask_init], mask_init
     rigl = DynamicReallocation("rigl", every_n_steps=period, seed=seed, min_active_per_channel=floor, growth_rule=rule)
     if kind == "rigl":
         return [mask_init, rigl], mask_init
     cyclic = CyclicSparsitySchedule(
-        max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=period, min_active_per_channel=floor, growth_rule=rule
+        max_multiplier=3.0,
+        cycles=2,
+        cycle_length=0.2,
+        every_n_steps=period,
+        min_active_per_channel=floor,
+        growth_rule=rule,
     )
     return [WeightSharing(), DyReLUPhaseOut(start=0.25, end=0.5), mask_init, cyclic, rigl], mask_init
 
@@ -149,9 +158,17 @@ def train_once(candidate: tuple[str, str, int, str], seed: int, args: argparse.N
     callbacks, mask_init = stack(kind, args.sparsity, seed, period, floor, rule)
     tracker = EmptyChannelTracker(mask_init)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, tracker],
-        num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=per_epoch,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, tracker],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        limit_train_batches=per_epoch,
     )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=datamodule.train_dataloader())
@@ -160,13 +177,22 @@ def train_once(candidate: tuple[str, str, int, str], seed: int, args: argparse.N
     counts = [count for _, count in tracker.history]
     rises = sum(later > earlier for earlier, later in zip(counts, counts[1:]))
     return {
-        "candidate": name, "stack": kind, "min_active_per_channel": floor, "growth_rule": rule, "seed": seed,
+        "candidate": name,
+        "stack": kind,
+        "min_active_per_channel": floor,
+        "growth_rule": rule,
+        "seed": seed,
         "final_train_loss": statistics.fmean(model.epoch_losses),
         "test_accuracy": test_accuracy(model, datamodule.test_dataloader()),
-        "empty_channels_start": counts[0], "empty_channels_end": counts[-1], "empty_channels_max": max(counts),
-        "updates_raising_empty_channels": rises, "empty_channel_history": tracker.history,
+        "empty_channels_start": counts[0],
+        "empty_channels_end": counts[-1],
+        "empty_channels_max": max(counts),
+        "updates_raising_empty_channels": rises,
+        "empty_channel_history": tracker.history,
         "channels": sum(mask.shape[0] if mask.dim() >= 2 else 1 for mask in mask_init.masks.values()),
-        "active_weights": mask_init.masks.nnz(), "update_period_steps": period, "steps": args.epochs * per_epoch,
+        "active_weights": mask_init.masks.nnz(),
+        "update_period_steps": period,
+        "steps": args.epochs * per_epoch,
         "train_seconds": seconds,
     }
 
@@ -179,8 +205,14 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, total_seconds: 
         group = [run for run in runs if run["candidate"] == name]
         summary[name] = {
             key: statistics.fmean(run[key] for run in group)
-            for key in ("final_train_loss", "test_accuracy", "empty_channels_start", "empty_channels_end",
-                        "empty_channels_max", "updates_raising_empty_channels")
+            for key in (
+                "final_train_loss",
+                "test_accuracy",
+                "empty_channels_start",
+                "empty_channels_end",
+                "empty_channels_max",
+                "updates_raising_empty_channels",
+            )
         }
         summary[name]["seeds"] = len(group)
         summary[name]["test_accuracy_std"] = (
@@ -218,14 +250,29 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, total_seconds: 
         for name, s in summary.items()
     ]
     lines += markdown_table(
-        ["candidate", "final train loss", "test accuracy (%)", "empty channels start -> end", "max",
-         "updates raising it", "accuracy per seed"],
+        [
+            "candidate",
+            "final train loss",
+            "test accuracy (%)",
+            "empty channels start -> end",
+            "max",
+            "updates raising it",
+            "accuracy per seed",
+        ],
         rows,
     )
     name = result_name("channel_safety", args.quick)
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings = {
+        key: [str(v) for v in value]
+        if isinstance(value, list) and value and isinstance(value[0], Path)
+        else str(value)
+        if isinstance(value, Path)
+        else value
+        for key, value in vars(args).items()
+    }
     write_results(
-        args.out, name,
+        args.out,
+        name,
         {"quick": args.quick, "settings": settings, "runs": runs, "summary": summary, "total_seconds": total_seconds},
         lines,
     )
@@ -239,10 +286,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default 10 (--quick: 4)")
     parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default 20; --quick: 5)")
     parser.add_argument("--sparsity", type=float, default=0.99)
-    parser.add_argument("--only", nargs="+", default=None, help="run only the candidates whose name contains one of these")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only the candidates whose name contains one of these"
+    )
     parser.add_argument("--jsonl", type=Path, default=None, help="also append every finished run to this file")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None,
-                        help="instead of training, report the runs of these --jsonl files (parallel partial runs)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="instead of training, report the runs of these --jsonl files (parallel partial runs)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -252,8 +306,14 @@ def main() -> None:
     if args.merge:
         runs = [json.loads(line) for path in args.merge for line in path.read_text().splitlines() if line.strip()]
         args.seeds = sorted({run["seed"] for run in runs})
-        report(runs, args, max(sum(run["train_seconds"] for run in runs if run.get("part") == part)
-                                for part in {run.get("part") for run in runs}))
+        report(
+            runs,
+            args,
+            max(
+                sum(run["train_seconds"] for run in runs if run.get("part") == part)
+                for part in {run.get("part") for run in runs}
+            ),
+        )
         return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -30,6 +30,29 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def bool_tensor(values: list) -> torch.Tensor:
+    """A bool mask from a Python list (the functional tests' known-answer inputs)."""
+    return torch.tensor(values, dtype=torch.bool)
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    """A seeded CPU generator, the ``generator=`` argument of the random selections."""
+    return torch.Generator().manual_seed(seed)
+
+
+def count_activation_calls(model: nn.Module) -> dict[str, int]:
+    """Hook every ``nn.ReLU`` of ``model``; the returned dict counts each one's calls by module name."""
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+            calls[name] = 0
+            module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
 def make_optimizer(name: str, params: Any, lr: float = 0.05) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)

@@ -34,6 +34,10 @@ def test_config_parses_with_the_protocol_of_section_3f(capsys) -> None:
     assert isinstance(cyclic["cycle_length"], float)
     realloc = callbacks["DynamicReallocation"]
     assert realloc["method"] == "rigl" and realloc["every_n_steps"] == 4000
+    # After the cycles, as the authors' code runs it (docs/algorithms.md §3a, §3e): 0.5 annealed to 0.005 over the
+    # whole run, updates to the end, counts rounded up.
+    assert (realloc["drop_fraction"], realloc["drop_fraction_floor"], realloc["stop_at"]) == (0.5, 0.005, 1.0)
+    assert realloc["rounding"] == "ceil"
     assert model["network"]["init_args"]["blocks_per_stage"] == [3, 4, 6, 3]
     assert model["nesterov"] is True and model["weight_decay"] == 0.0001 and model["milestones"] == [0.5, 0.75]
     assert data["init_args"]["batch_size"] == 128 and data["class_path"].endswith("CIFAR10DataModule")

@@ -59,6 +59,10 @@ class CyclicSparsitySchedule(Callback):
     safety net. Logged (TensorBoard by default): ``cyclic/target_density``, ``cyclic/realised_density`` (both over
     the real sparse tensors), ``cyclic/multiplier``, ``cyclic/updates``, ``cyclic/skipped_nonfinite``.
 
+    Channel safety (on by default; docs/troubleshooting.md): prunes keep ``min_active_per_channel`` weights in every
+    output channel and growth ranks positions with ``growth_rule``, so that BatchNorm-inflated gradients of empty
+    channels do not capture the growth phase. ``min_active_per_channel=0`` gives the authors' rules exactly.
+
     Choices where the authors' code is ambiguous (ALGORITHMS.md §3h): the target is a count over the real sparse
     tensors, the same units as the ERK allocation, instead of the code's comparison of an ERK target with an
     "effective" density that counts shared weights once per use (§3h item 4); each tensor goes exactly to its ERK

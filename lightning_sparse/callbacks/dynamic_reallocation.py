@@ -61,6 +61,13 @@ class DynamicReallocation(Callback):
       growth by, and a random fallback would silently turn RigL into SET for that tensor. Per-tensor counts are
       fixed.
 
+    Channel safety (on by default; docs/troubleshooting.md): at extreme sparsity an output channel with no active
+    weight feeds zero variance into train-mode BatchNorm, whose backward divides by ``sqrt(var + eps)``; the inflated
+    dense gradients of such channels capture RigL's growth while magnitude drop empties more channels, and training
+    collapses. With ``min_active_per_channel >= 1`` no update drops a channel's last ``min_active_per_channel``
+    weights, and RigL ranks growth with ``growth_rule`` (by default each ``|grad|`` relative to its output channel's
+    mean). ``min_active_per_channel=0`` gives the published rules exactly.
+
     When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
     with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
     inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked, so they see the dense,

@@ -42,6 +42,11 @@ class MaskInit(Callback, MaskOwner):
     and after every step it zeroes the masked weights again, so that masked weights and the optimizer state
     at masked positions stay exactly 0 with any optimizer (ARCHITECTURE.md §4).
 
+    Whenever the masks change (at the first step and after every topology update of any callback) and at every
+    epoch end it logs the ``sparsity/`` curves, among them ``sparsity/empty_channels``: the output channels of the
+    sparse tensors with no active weight, the sign of channel collapse at extreme sparsity
+    (docs/troubleshooting.md).
+
     The masks are :class:`~lightning_sparse.masks.SparseMasks`, public as ``mask_init.masks`` once fit has
     started. They are saved in this callback's state inside Lightning checkpoints, not in the model's
     ``state_dict()``, which keeps exactly the user's keys. The callbacks that move weights
@@ -69,7 +74,7 @@ class MaskInit(Callback, MaskOwner):
         layer_report: at every training epoch end, record the per-tensor densities and write them to TensorBoard
             as a heatmap image (``sparsity/density_heatmap``, layers x epochs; kept in the checkpoint so a
             resumed run continues the picture); at the end of fit, print a table of the sparse tensors (shape,
-            active weights, density) on rank 0.
+            active weights, density, empty output channels) on rank 0.
 
     Raises:
         ValueError: at construction, for a sparsity outside [0, 1), an unknown distribution, or inconsistent

@@ -15,6 +15,8 @@ Structural contract relied on by weight sharing and activation swapping (ARCHITE
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from lightning_sparse.models._construction import (
@@ -179,15 +181,7 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def cifar_resnet18(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    activation: type[nn.Module] | None = None,
-    fc_bias: bool = True,
-    width: int = 64,
-) -> CifarResNet:
-    """CIFAR-style ResNet-18: BasicBlocks ``(2, 2, 2, 2)``; 11,173,962 parameters at 10 classes.
-
+_PRESET_ARGS = """
     Args:
         num_classes: classifier outputs.
         in_channels: image channels.
@@ -198,50 +192,43 @@ def cifar_resnet18(
     Returns:
         The model (see :class:`CifarResNet`).
     """
-    return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, activation, fc_bias, width)
 
 
-def cifar_resnet34(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    activation: type[nn.Module] | None = None,
-    fc_bias: bool = True,
-    width: int = 64,
-) -> CifarResNet:
-    """CIFAR-style ResNet-34: BasicBlocks ``(3, 4, 6, 3)``; 21,282,122 parameters at 10 classes.
+def _preset(
+    name: str, block: type[BasicBlock] | type[Bottleneck], stage_blocks: tuple[int, int, int, int], summary: str
+) -> Callable[..., CifarResNet]:
+    """A named factory for one standard depth: the same keyword arguments for every depth, one docstring."""
 
-    This is the EAST paper's CIFAR ResNet-34 (ALGORITHMS.md §3d) when ``fc_bias=False``.
+    def build(
+        num_classes: int = 10,
+        in_channels: int = 3,
+        activation: type[nn.Module] | None = None,
+        fc_bias: bool = True,
+        width: int = 64,
+    ) -> CifarResNet:
+        return CifarResNet(block, stage_blocks, num_classes, in_channels, activation, fc_bias, width)
 
-    Args:
-        num_classes: classifier outputs.
-        in_channels: image channels.
-        activation: activation class built once per site (default ``nn.ReLU``).
-        fc_bias: whether the classifier has a bias.
-        width: channels of the stem and the first stage (64 is the standard network).
-
-    Returns:
-        The model (see :class:`CifarResNet`).
-    """
-    return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias, width)
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = summary + "\n" + _PRESET_ARGS
+    return build
 
 
-def cifar_resnet50(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    activation: type[nn.Module] | None = None,
-    fc_bias: bool = True,
-    width: int = 64,
-) -> CifarResNet:
-    """CIFAR-style ResNet-50: Bottlenecks ``(3, 4, 6, 3)``; 23,520,842 parameters at 10 classes.
-
-    Args:
-        num_classes: classifier outputs.
-        in_channels: image channels.
-        activation: activation class built once per site (default ``nn.ReLU``).
-        fc_bias: whether the classifier has a bias.
-        width: channels of the stem and the first stage (64 is the standard network).
-
-    Returns:
-        The model (see :class:`CifarResNet`).
-    """
-    return CifarResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, activation, fc_bias, width)
+cifar_resnet18 = _preset(
+    "cifar_resnet18",
+    BasicBlock,
+    (2, 2, 2, 2),
+    "CIFAR-style ResNet-18: BasicBlocks ``(2, 2, 2, 2)``; 11,173,962 parameters at 10 classes.",
+)
+cifar_resnet34 = _preset(
+    "cifar_resnet34",
+    BasicBlock,
+    (3, 4, 6, 3),
+    "CIFAR-style ResNet-34: BasicBlocks ``(3, 4, 6, 3)``; 21,282,122 parameters at 10 classes.\n\n"
+    "    This is the EAST paper's CIFAR ResNet-34 (ALGORITHMS.md §3d) when ``fc_bias=False``.",
+)
+cifar_resnet50 = _preset(
+    "cifar_resnet50",
+    Bottleneck,
+    (3, 4, 6, 3),
+    "CIFAR-style ResNet-50: Bottlenecks ``(3, 4, 6, 3)``; 23,520,842 parameters at 10 classes.",
+)

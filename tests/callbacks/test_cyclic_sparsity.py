@@ -80,8 +80,12 @@ class _Owner(MaskOwner):
         pass
 
 
-def _one_layer_setup(every_n_steps: int = 1) -> tuple[CyclicSparsitySchedule, Any, nn.Linear, SparseMasks]:
-    """One 2x4 Linear layer, 2 of 8 weights active; 10 steps, one cycle of 4 steps with peak 2x the budget."""
+def _one_layer_setup(
+    every_n_steps: int = 1, min_active_per_channel: int = 0
+) -> tuple[CyclicSparsitySchedule, Any, nn.Linear, SparseMasks]:
+    """One 2x4 Linear layer, 2 of 8 weights active; 10 steps, one cycle of 4 steps with peak 2x the budget.
+
+    Without channel safety by default: the by-hand tests check EAST's own rules."""
     layer = nn.Linear(4, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.5, 0.0, 0.0, -0.2], [0.0, 0.0, 0.0, 0.0]]))
@@ -93,7 +97,13 @@ def _one_layer_setup(every_n_steps: int = 1) -> tuple[CyclicSparsitySchedule, An
         accumulate_grad_batches=1,
         global_step=0,
     )
-    cyclic = CyclicSparsitySchedule(max_multiplier=2.0, cycles=1, cycle_length=0.4, every_n_steps=every_n_steps)
+    cyclic = CyclicSparsitySchedule(
+        max_multiplier=2.0,
+        cycles=1,
+        cycle_length=0.4,
+        every_n_steps=every_n_steps,
+        min_active_per_channel=min_active_per_channel,
+    )
     cyclic.setup(trainer, layer, "fit")  # type: ignore[arg-type]
     cyclic.on_train_start(trainer, layer)  # type: ignore[arg-type]
     return cyclic, trainer, layer, masks
@@ -126,6 +136,30 @@ def test_grows_by_gradient_magnitude_and_prunes_by_weight_magnitude_by_hand() ->
     # Afterwards the schedule never changes the masks.
     _step(cyclic, trainer, layer, 5, [1.0] * 8)
     assert active() == [0, 3] and cyclic.num_updates == 4
+
+
+def test_channel_floor_keeps_a_channels_last_weight_when_pruning_back_to_the_budget() -> None:
+    """The same cycle with min_active_per_channel=1 (and the default channel-normalised growth), by hand.
+
+    Output channel 0 is positions 0-3, channel 1 is 4-7."""
+    cyclic, trainer, layer, masks = _one_layer_setup(min_active_per_channel=1)
+    assert cyclic.growth_rule == "channel_normalized"
+    active = lambda: masks["weight"].flatten().nonzero().flatten().tolist()  # noqa: E731
+    # Step 1: scores |g| / channel mean over candidates: channel 0 (1, 2): 0.5, 1.5; channel 1 (4-7, mean 0.5):
+    # 0.4, 0.8, 1.8, 1.0 -> grow 6.
+    _step(cyclic, trainer, layer, 1, [9.0, 0.1, 0.3, 9.0, 0.2, -0.4, -0.9, 0.5])
+    assert active() == [0, 3, 6]
+    # Step 2: channel 0 (1, 2; mean 0.4): 0.25, 1.75; channel 1 (4, 5, 7; mean 0.433): 0.46, 0.69, 1.85 -> grow 7.
+    _step(cyclic, trainer, layer, 2, [0.0, 0.1, -0.7, 0.0, 0.2, 0.3, 5.0, 0.8])
+    assert active() == [0, 3, 6, 7]
+    with torch.no_grad():
+        layer.weight.view(-1)[7] = 0.05
+    # Step 3: target 3: each channel's largest weight (0 and 7) is protected; drop the smallest other, 6 (|0|).
+    _step(cyclic, trainer, layer, 3, [0.0] * 8)
+    assert active() == [0, 3, 7]
+    # Step 4: back to the budget, 2: without the floor 7 (|0.05|) would go and empty channel 1; 3 (|-0.2|) goes.
+    _step(cyclic, trainer, layer, 4, [0.0] * 8)
+    assert active() == [0, 7] and cyclic.finished
 
 
 def test_update_with_non_finite_gradients_is_skipped_and_counted() -> None:

@@ -162,8 +162,9 @@ def test_dsr_threshold_prune_keeps_the_floor_of_every_channel() -> None:
     assert int(pruned[0].sum()) == 2 and int(pruned[1].sum()) == 2
     kept_plain, _ = dsr_prune([first, second], masks, threshold=0.01)
     assert _per_channel(kept_plain[0]) == [1, 0] and int(kept_plain[1].sum()) == 1  # DSR's rule empties channels
-    result = dsr_reallocate([first, second], masks, 0.01, 4, generator=torch.Generator().manual_seed(0),
-                            min_active_per_channel=1)
+    result = dsr_reallocate(
+        [first, second], masks, 0.01, 4, generator=torch.Generator().manual_seed(0), min_active_per_channel=1
+    )
     assert result.num_pruned == result.num_grown == 4
     assert all(int(empty_channels(mask)) == 0 for mask in result.masks)
 

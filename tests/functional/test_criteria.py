@@ -17,17 +17,9 @@ from lightning_sparse.functional.criteria import (
     set_update,
 )
 from lightning_sparse.functional.dsr import grow_random
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _bool(values: list) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.bool)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
+from tests.helpers import DEVICES
+from tests.helpers import bool_tensor as _bool
+from tests.helpers import generator as _gen
 
 # --- magnitude_drop --------------------------------------------------------------------------------------------
 

@@ -13,17 +13,9 @@ from lightning_sparse.functional.dsr import (
     dsr_reallocate,
     grow_random,
 )
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _bool(values: list) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.bool)
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
+from tests.helpers import DEVICES
+from tests.helpers import bool_tensor as _bool
+from tests.helpers import generator as _gen
 
 # --- dsr_prune -------------------------------------------------------------------------------------------------
 
@@ -226,7 +218,10 @@ def test_reallocate_prunes_regrows_proportionally_and_keeps_total() -> None:
     result = dsr_reallocate(weights, masks, threshold=1e-3, target_pruned=2, generator=_gen())
     assert isinstance(result, DSRResult)
     assert result.num_pruned == result.num_grown == 2
-    assert [p.tolist() for p in result.pruned] == [[False, True, False, False, False, False], [True, False, False, False]]
+    assert [p.tolist() for p in result.pruned] == [
+        [False, True, False, False, False, False],
+        [True, False, False, False],
+    ]
     # survivors [2, 1], quotas 2*[2, 1]/3 = [1.33, 0.67]: floors [1, 0], the spare unit to the larger remainder.
     assert [int(g.sum()) for g in result.grown] == [1, 1]
     assert [int(m.sum()) for m in result.masks] == [3, 2]

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from lightning_sparse.models import BasicBlock, Bottleneck, CifarResNet, cifar_resnet18, cifar_resnet34, cifar_resnet50
+from tests.helpers import count_activation_calls
 
 # Hand count, 10 classes (3x3 conv c_in -> c_out = 9 c_in c_out; BN(c) = 2c; downsample = 1x1 conv + BN).
 # Stem: conv 3*64*9 = 1,728 + BN 128 = 1,856.
@@ -79,11 +80,7 @@ def test_forward_shapes_and_each_activation_module_runs_exactly_once(factory):
     model = factory(num_classes=10).eval()
     final_maps = []
     model.layer4.register_forward_hook(lambda module, args, output: final_maps.append(output.shape))
-    calls: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU):
-            calls[name] = 0
-            module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    calls = count_activation_calls(model)
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 32, 32))
 
@@ -114,7 +111,16 @@ def test_model_and_block_attribute_names_follow_torchvision():
     bottleneck = cifar_resnet50().layer1[0]
     assert isinstance(bottleneck, Bottleneck)
     assert [name for name, _ in bottleneck.named_children()] == [
-        "conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "downsample",
+        "conv1",
+        "bn1",
+        "act1",
+        "conv2",
+        "bn2",
+        "act2",
+        "conv3",
+        "bn3",
+        "act3",
+        "downsample",
     ]
     # The first bottleneck widens 64 -> 256 channels, so it needs a projection even at stride 1.
     assert bottleneck.downsample is not None
@@ -189,7 +195,11 @@ def test_width_scales_every_stage():
     narrow = cifar_resnet18(width=16)
     assert sum(p.numel() for p in cifar_resnet18(width=64).parameters()) == sum(p.numel() for p in default.parameters())
     assert [narrow.conv1.out_channels] + [getattr(narrow, f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3, 4)] == [
-        16, 16, 32, 64, 128,
+        16,
+        16,
+        32,
+        64,
+        128,
     ]
     assert narrow.fc.in_features == 128
     assert narrow(torch.randn(2, 3, 16, 16)).shape == (2, 10)

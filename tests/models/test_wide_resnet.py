@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.models import WideBasicBlock, WideResNet, wide_resnet28
+from tests.helpers import count_activation_calls
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -75,11 +76,7 @@ def test_attribute_names_and_stage_layout():
 
 def test_every_activation_module_runs_exactly_once_per_forward():
     model = wide_resnet28().eval()
-    calls: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ReLU):
-            calls[name] = 0
-            module.register_forward_hook(lambda m, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    calls = count_activation_calls(model)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     # 12 blocks x 2 pre-activations + the final one.
