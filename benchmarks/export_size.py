@@ -2,7 +2,7 @@
 
 The model is the CIFAR-style ResNet-18 (11.2M parameters). Its conv and linear weights (MaskInit's default
 selection) get ERK masks exactly as MaskInit draws them: per-tensor densities from
-:func:`~lightning_sparse.functional.layer_densities` (ALGORITHMS.md §3b), exact active counts from
+:func:`~lightning_sparse.functional.layer_densities` (docs/algorithms.md §3b), exact active counts from
 :func:`~lightning_sparse.functional.active_counts`, positions drawn at random from a seeded generator; masked weights
 are set to 0. The model is then written with :func:`~lightning_sparse.export.save_sparse`, whose
 :class:`~lightning_sparse.export.ExportReport` compares the file with ``torch.save(model.state_dict())``.

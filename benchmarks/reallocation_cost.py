@@ -4,10 +4,10 @@ Both updates prune the same number of weights (Np) over the same masked tensors 
 the same growth code (:func:`~lightning_sparse.functional.dsr.allocate_growth` and
 :func:`~lightning_sparse.functional.dsr.grow_random`); they differ only in how the pruned weights are chosen:
 
-* **DSR** (Mostafa & Wang 2019, ALGORITHMS.md §2a): :func:`~lightning_sparse.functional.dsr.dsr_reallocate`,
+* **DSR** (Mostafa & Wang 2019, docs/algorithms.md §2a): :func:`~lightning_sparse.functional.dsr.dsr_reallocate`,
   i.e. compare every active |w| with one global threshold H (O(N), no sort), then adapt H;
 * **top-k by sort**: concatenate every active |w|, ``torch.sort`` them, prune the Np smallest (the global magnitude
-  pruning that DSR's threshold replaces; ARCHITECTURE.md §5). ``torch.topk`` (partial selection) is timed too, as
+  pruning that DSR's threshold replaces; docs/architecture.md §5). ``torch.topk`` (partial selection) is timed too, as
   the strongest sort-free baseline.
 
 Tensors: the shapes of torchvision's ResNet-50 conv and linear weights (54 tensors, 25.5M weights), random

@@ -5,7 +5,7 @@ and uniform random masks at ``--density`` (0.1), random dense gradients for RigL
 ``benchmarks/reallocation_cost.py``'s helpers, imported). Every update replaces the same fraction ``--fraction``
 (0.1) of the active weights:
 
-* **DSR** (ALGORITHMS.md §2a): :func:`~lightning_sparse.functional.dsr.dsr_reallocate`, one global threshold
+* **DSR** (docs/algorithms.md §2a): :func:`~lightning_sparse.functional.dsr.dsr_reallocate`, one global threshold
   compare, growth apportioned to layers and drawn at random, threshold adapted; H set once (untimed) so that it
   prunes about the target;
 * **SET** (§4b): :func:`~lightning_sparse.functional.criteria.set_update` on every layer (per-layer magnitude top-k,

@@ -1,9 +1,10 @@
 """Save the per-layer density heatmap of a run as a PNG, from its Lightning checkpoint.
 
 MaskInit records every sparse tensor's density at each training epoch end and keeps the record in its checkpoint
-state; this script renders it exactly as TensorBoard shows it (``sparsity/density_heatmap``: one row per tensor,
-top to bottom in the model's order; one column per epoch; colour by log density from the smallest non-zero
-density in the picture, dark purple, to the largest, yellow; the strip on the right is the scale), drawn larger.
+state; this script renders it as TensorBoard shows it (``sparsity/density_heatmap``: one row per tensor, named,
+top to bottom in the model's order; epochs across; colour by log density from the smallest non-zero density in the
+picture, dark purple, to the largest, yellow, with a labelled colour bar), at a higher resolution. It needs
+matplotlib (in the ``[dev]`` extra); without it the plain picture is written (no names, a scale strip on the right).
 
     python examples/density_heatmap_png.py --ckpt_path checkpoints/quickstart/quickstart.ckpt \\
         --output examples/images/density_heatmap.png
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torchvision.io import write_png
 
-from lightning_sparse.callbacks._sparsity_logging import DensityHistory, color_range, density_heatmap
+from lightning_sparse.callbacks._sparsity_logging import DensityHistory, color_range, render_density_heatmap
 
 
 def heatmap_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.Tensor, DensityHistory]:
@@ -35,7 +36,7 @@ def heatmap_from_checkpoint(ckpt_path: str | Path) -> tuple[torch.Tensor, Densit
         )
     history = DensityHistory()
     history.load_state_dict(states[0]["density_history"])
-    return density_heatmap(history.densities(), cell_height=12, min_width=480), history
+    return render_density_heatmap(history, dpi=130), history
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> Path:
     write_png(image, str(output))
     low, high = color_range(history.densities())
     print(
-        f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns); log colour scale from "
+        f"{output}: {len(history.names)} tensors (rows) x {len(history)} epochs (columns), {image.shape[2]}x"
+        f"{image.shape[1]} px; log colour scale from "
         f"density {low:.4f} (dark purple) to {high:.4f} (yellow)"
     )
     return output

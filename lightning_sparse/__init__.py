@@ -9,7 +9,8 @@ The public names, re-exported from their subpackages:
   :mod:`lightning_sparse.nn`; pure tensor functions in :mod:`lightning_sparse.functional`;
 * models and data: :mod:`lightning_sparse.models`, :mod:`lightning_sparse.data`;
 * the LightningModule of the CLI and examples: :class:`ImageClassifier`;
-* export: :func:`save_sparse`, :func:`load_sparse`.
+* export: :func:`save_sparse`, :func:`load_sparse`;
+* CPU inference with sparse kernels: :func:`sparse_inference` (docs/inference.md).
 """
 
 from lightning_sparse.callbacks import (
@@ -21,6 +22,7 @@ from lightning_sparse.callbacks import (
 )
 from lightning_sparse.classification import ImageClassifier
 from lightning_sparse.export import load_sparse, save_sparse
+from lightning_sparse.inference import sparse_inference
 from lightning_sparse.masks import SparseMasks, find_mask_owner
 from lightning_sparse.nn import DyReLU, SharedConv2d, share_stage_weights
 
@@ -41,4 +43,5 @@ __all__ = [
     "load_sparse",
     "save_sparse",
     "share_stage_weights",
+    "sparse_inference",
 ]

@@ -2,7 +2,7 @@
 
 It wraps any image network given as a ``class_path`` (any ``torch.nn.Module`` mapping images to logits), trains
 it with cross-entropy, and offers the optimizers and learning-rate schedules of the papers the library
-reproduces: SGD with momentum, Nesterov and weight decay plus a multi-step schedule (DSR, ALGORITHMS.md §2b; EAST,
+reproduces: SGD with momentum, Nesterov and weight decay plus a multi-step schedule (DSR, docs/algorithms.md §2b; EAST,
 §3f), cosine annealing, or AdamW.
 """
 
@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_sparse._validation import check_choice
 
 __all__ = ["ImageClassifier"]
 
@@ -31,7 +33,8 @@ class ImageClassifier(pl.LightningModule):
     """Cross-entropy image classification around any network, with paper-style optimizers and schedules.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc`` (torchmetrics
-    top-1 accuracy, the fraction of correct predictions, accumulated over the epoch). The learning rate changes every optimizer step: a
+    top-1 accuracy, the fraction of correct predictions, accumulated over the epoch); under DDP the epoch values
+    are over all ranks' batches (``sync_dist=True``; the per-step ``train/loss`` is then the mean over ranks too). The learning rate changes every optimizer step: a
     milestone at fraction ``f`` takes effect at step ``round(f x trainer.estimated_stepping_batches)``, which is
     the start of epoch ``f x max_epochs`` when the epochs have equal lengths (so ``milestones=[0.3, 0.6, 0.8]``
     over 200 epochs is DSR's ``x0.2`` at epochs 60/120/160) and also works for runs bounded by ``max_steps``.
@@ -123,7 +126,9 @@ class ImageClassifier(pl.LightningModule):
         loss = self.loss(logits, labels)
         accuracy(logits, labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        # sync_dist: under DDP the epoch's loss is the mean over every rank's batches, not rank 0's alone. The
+        # accuracy is a torchmetrics Metric, which reduces its own state across ranks.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train", sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
@@ -138,6 +143,11 @@ class ImageClassifier(pl.LightningModule):
     def test_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         """Log the test loss and accuracy."""
         self._shared_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Logits of a batch of images, or of ``(images, labels)`` batches (the labels are not used)."""
+        images = batch if isinstance(batch, Tensor) else batch[0]
+        return self(images)
 
     def configure_optimizers(self) -> Any:
         """The optimizer and, unless ``lr_schedule="none"``, a per-step learning-rate scheduler."""
@@ -187,8 +197,7 @@ def _check_settings(
 ) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    check_choice(optimizer, "optimizer", OptimizerName)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
@@ -204,8 +213,7 @@ def _check_settings(
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if nesterov and effective == 0.0:
             raise ValueError("nesterov needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False")
-    if lr_schedule not in ("multistep", "cosine", "none"):
-        raise ValueError(f"lr_schedule must be 'multistep', 'cosine' or 'none', got {lr_schedule!r}")
+    check_choice(lr_schedule, "lr_schedule", ScheduleName)
     if lr_schedule != "multistep":
         unused = [name for name, value in (("milestones", milestones), ("gamma", gamma)) if value is not None]
         if unused:

@@ -8,7 +8,7 @@ Each class has a type-hinted ``__init__`` so LightningCLI / jsonargparse can bui
       class_path: lightning_sparse.schedules.SteppedPeriod
       init_args: {every_n_steps: 100, milestones: [0.125, 0.4, 0.7]}
 
-Pure Python: no Lightning or torch import. ALGORITHMS.md §4c lists the schedule options; this module provides the
+Pure Python: no Lightning or torch import. docs/algorithms.md §4c lists the schedule options; this module provides the
 constant period (SET, RigL's Delta T) and DSR's stepped period (§2b).
 """
 
@@ -42,7 +42,7 @@ class PeriodSchedule(ABC):
 
 
 class ConstantPeriod(PeriodSchedule):
-    """Update every ``every_n_steps`` steps throughout training (RigL's Delta T = 100, ALGORITHMS.md §4a).
+    """Update every ``every_n_steps`` steps throughout training (RigL's Delta T = 100, docs/algorithms.md §4a).
 
     Args:
         every_n_steps: The period in optimizer steps (>= 1).
@@ -68,7 +68,7 @@ class ConstantPeriod(PeriodSchedule):
 
 
 class SteppedPeriod(PeriodSchedule):
-    """A period multiplied by ``factor`` at each milestone: DSR's reallocation schedule P (ALGORITHMS.md §2b).
+    """A period multiplied by ``factor`` at each milestone: DSR's reallocation schedule P (docs/algorithms.md §2b).
 
     The period is ``every_n_steps * factor**m`` where m is the number of milestones <= progress. DSR on
     WRN-28-2 (200 epochs) uses 100 steps for epochs 0-24, 200 for 25-79, 400 for 80-139 and 800 from 140:
@@ -121,7 +121,7 @@ class SteppedPeriod(PeriodSchedule):
 def should_update(step: int, schedule: PeriodSchedule, progress: float) -> bool:
     """Whether a topology update is due at ``step``: ``step > 0 and step % schedule.period(progress) == 0``.
 
-    DSR's rule (ALGORITHMS.md §2a TRAIN LOOP): the counter is the global optimizer step, never reset per epoch.
+    DSR's rule (docs/algorithms.md §2a TRAIN LOOP): the counter is the global optimizer step, never reset per epoch.
 
     Args:
         step: The global optimizer step (>= 0), e.g. ``trainer.global_step``.

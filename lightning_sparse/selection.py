@@ -10,14 +10,14 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["EXEMPT_ATTRIBUTE", "PRUNABLE_MODULE_TYPES", "select_sparse_parameters"]
+__all__ = ["EXEMPT_ATTRIBUTE", "PRUNABLE_MODULE_TYPES", "frozen_left_out", "select_sparse_parameters"]
 
 PRUNABLE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Module types whose ``weight`` is sparse by default (biases and normalisation layers never are)."""
 
 EXEMPT_ATTRIBUTE = "sparsity_exempt"
 """A module with ``sparsity_exempt = True`` keeps its whole subtree dense by default (e.g. DyReLU's hyper-network,
-which EAST trains densely, ALGORITHMS.md §3c)."""
+which EAST trains densely, docs/algorithms.md §3c)."""
 
 
 def _default_sparse_names(module: nn.Module) -> list[str]:
@@ -37,6 +37,17 @@ def _default_sparse_names(module: nn.Module) -> list[str]:
     return names
 
 
+def frozen_left_out(module: nn.Module, include: Sequence[str] | None = None) -> list[str]:
+    """Names of the frozen weights (``requires_grad=False``) the default selection leaves dense.
+
+    Empty when ``include`` patterns replace the default selection (they choose frozen weights explicitly).
+    """
+    if include:
+        return []
+    named = dict(module.named_parameters())
+    return [name for name in _default_sparse_names(module) if not named[name].requires_grad]
+
+
 def select_sparse_parameters(
     module: nn.Module,
     include: Sequence[str] | None = None,
@@ -47,7 +58,9 @@ def select_sparse_parameters(
     Args:
         module: the model (a LightningModule or any ``nn.Module``).
         include: glob patterns (``fnmatch``, e.g. ``"layer*.conv*.weight"``) over parameter names. When given,
-            they replace the default selection (the weights of Conv1d/2d/3d and Linear layers).
+            they replace the default selection (the weights of Conv1d/2d/3d and Linear layers that require a
+            gradient: frozen weights are left dense unless an include pattern names them). One string is one
+            pattern.
         exclude: glob patterns removed from the selection (e.g. ``["fc.weight"]`` keeps the classifier dense).
 
     Returns:
@@ -57,9 +70,9 @@ def select_sparse_parameters(
         ValueError: if a pattern matches no parameter of the model, or nothing is left to make sparse.
     """
     named = dict(module.named_parameters())
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
     for kind, patterns in (("include", include), ("exclude", exclude)):
-        if isinstance(patterns, str):
-            raise TypeError(f"{kind} must be a list of glob patterns, got the string {patterns!r}")
         for pattern in patterns or ():
             if not any(fnmatchcase(name, pattern) for name in named):
                 raise ValueError(
@@ -69,7 +82,7 @@ def select_sparse_parameters(
     if include:
         names = [name for name in named if any(fnmatchcase(name, pattern) for pattern in include)]
     else:
-        names = _default_sparse_names(module)
+        names = [name for name in _default_sparse_names(module) if named[name].requires_grad]
     if exclude:
         names = [name for name in names if not any(fnmatchcase(name, pattern) for pattern in exclude)]
     uninitialized = [name for name in names if isinstance(named[name], nn.parameter.UninitializedParameter)]

@@ -42,7 +42,7 @@ def test_no_schedule_keeps_the_rate(tmp_path):
 
 
 def test_dsr_wrn_protocol_rates_at_epochs_60_120_160_of_200():
-    # 200 epochs x 500 steps: x0.2 at epochs 60 / 120 / 160 (ALGORITHMS.md §2b).
+    # 200 epochs x 500 steps: x0.2 at epochs 60 / 120 / 160 (docs/algorithms.md §2b).
     model = ImageClassifier(TinyCNN(), num_classes=10, nesterov=True, milestones=[0.3, 0.6, 0.8], gamma=0.2)
     model.trainer = type("FakeTrainer", (), {"estimated_stepping_batches": 200 * 500})()
     config = model.configure_optimizers()

@@ -10,7 +10,6 @@ import yaml
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cifar10_resnet34_east.yaml"
 
 
-
 def _printed_config(capsys: pytest.CaptureFixture[str]) -> dict:
     from lightning_sparse.cli import main
 
@@ -22,7 +21,8 @@ def _printed_config(capsys: pytest.CaptureFixture[str]) -> dict:
 
 def test_config_parses_with_the_protocol_of_section_3f(capsys) -> None:
     config = _printed_config(capsys)
-    trainer, model, data = config["trainer"], config["model"], config["data"]
+    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]
+    assert config["model"]["class_path"] == "lightning_sparse.ImageClassifier"  # the CLI's default model
     assert trainer["max_epochs"] == 250 and trainer["gradient_clip_val"] == 1.0
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in trainer["callbacks"]}
     assert callbacks["MaskInit"]["sparsity"] == 0.999 and callbacks["MaskInit"]["distribution"] == "erk"

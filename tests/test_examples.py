@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.io import decode_png, read_file
 
 from lightning_sparse import MaskInit
-from lightning_sparse.callbacks._sparsity_logging import density_heatmap
+from lightning_sparse.callbacks._sparsity_logging import render_density_heatmap
 from lightning_sparse.export import load_sparse
 from tests.helpers import Classifier, random_loader, trainer_kwargs
 
@@ -34,7 +34,7 @@ def test_density_heatmap_png_renders_the_checkpointed_history(tmp_path):
         ["--ckpt_path", str(tmp_path / "run.ckpt"), "--output", str(tmp_path / "images" / "heatmap.png")]
     )
     image = decode_png(read_file(str(output)))
-    assert torch.equal(image, density_heatmap(mask_init.density_history.densities(), cell_height=12, min_width=480))
+    assert torch.equal(image, render_density_heatmap(mask_init.density_history, dpi=130))
 
 
 def test_density_heatmap_png_rejects_a_checkpoint_without_mask_init(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for lightning_sparse.schedules (period schedules; DSR P schedule, ALGORITHMS.md §2b)."""
+"""Tests for lightning_sparse.schedules (period schedules; DSR P schedule, docs/algorithms.md §2b)."""
 
 from __future__ import annotations
 

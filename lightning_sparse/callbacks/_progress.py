@@ -1,13 +1,13 @@
 """Helpers shared by the EAST callbacks: schedule positions in optimizer steps, and order-independent transforms.
 
-EAST's schedules (ALGORITHMS.md §3c phase-out window, §3e cycle length) are stated in epochs in the authors' code
+EAST's schedules (docs/algorithms.md §3c phase-out window, §3e cycle length) are stated in epochs in the authors' code
 and as fractions of training in the paper's protocol (§3f). The callbacks accept both and convert them once the run's
 length is known, so that they can advance from ``trainer.global_step`` (optimizer steps; gradient accumulation is
 then handled).
 
 EAST's model transforms (weight sharing's U(0, 1) scales, DyReLU's hyper-network init) draw random numbers in the
 callbacks' ``setup``. :func:`isolated_rng` gives each transform its own stream, so the result does not depend on
-the order of the callbacks list (ARCHITECTURE.md §6) and the global generator is left as it was.
+the order of the callbacks list (docs/architecture.md §6) and the global generator is left as it was.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def check_schedule_point(value: int | float, name: str, *, allow_zero: bool = Tr
         )
     if isinstance(value, int):
         if value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(f"{name} as an int is a number of epochs and must be >= {0 if allow_zero else 1}, got {value}")
+            raise ValueError(
+                f"{name} as an int is a number of epochs and must be >= {0 if allow_zero else 1}, got {value}"
+            )
         return value
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0 or (value == 0.0 and not allow_zero):

@@ -2,15 +2,14 @@ r"""
 CyclicSparsitySchedule
 ^^^^^^^^^^^^^^^^^^^^^^
 
-Lets the number of active weights rise above the budget and fall back in cycles (EAST, ALGORITHMS.md §3e).
+Lets the number of active weights rise above the budget and fall back in cycles (EAST, docs/algorithms.md §3e).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -18,11 +17,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
-from lightning_sparse.functional.channels import check_min_active_per_channel, feasible_floor, resolve_growth_rule
+from lightning_sparse.callbacks._rank_logging import log_replicated
+from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
-from lightning_sparse.functional.distributions import DISTRIBUTIONS, active_counts, layer_densities
+from lightning_sparse.functional.distributions import active_counts, layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 
 __all__ = ["CyclicSparsitySchedule"]
@@ -33,7 +35,7 @@ _UPDATER_ORDER = 0  # before count-preserving reallocation (DynamicReallocation 
 class CyclicSparsitySchedule(Callback):
     r"""EAST's cyclic sparsity: grow above the active-weight budget and prune back to it, ``cycles`` times.
 
-    ALGORITHMS.md §3e (Li et al. 2024). The budget B is the number of active weights when training starts (as
+    docs/algorithms.md §3e (Li et al. 2024). The budget B is the number of active weights when training starts (as
     MaskInit drew them; under weight sharing MaskInit has already applied EAST's budget rule). Inside cycle c, at
     position p in [0, 1), the target is ``round(B x m(p))`` active weights with
     ``m(p) = 1 + (max_multiplier - 1) x (1 - cos 2 pi p) / 2`` (``shape="cosine"``) or
@@ -52,7 +54,7 @@ class CyclicSparsitySchedule(Callback):
     so that count-preserving reallocation stands aside until the budget has been restored. :attr:`holds_budget`
     tells whether it does.
 
-    The updates run inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked (ARCHITECTURE.md
+    The updates run inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked (docs/architecture.md
     §4), so growth reads the dense, DDP-averaged gradient whatever the order of the callbacks list; an update whose
     gradients are not all finite is skipped and counted (a pending return to the budget is retried at the next
     step). Ties are broken by position, so every DDP rank computes the same masks; rank 0's are broadcast as a
@@ -63,7 +65,7 @@ class CyclicSparsitySchedule(Callback):
     output channel and growth ranks positions with ``growth_rule``, so that BatchNorm-inflated gradients of empty
     channels do not capture the growth phase. ``min_active_per_channel=0`` gives the authors' rules exactly.
 
-    Choices where the authors' code is ambiguous (ALGORITHMS.md §3h): the target is a count over the real sparse
+    Choices where the authors' code is ambiguous (docs/algorithms.md §3h): the target is a count over the real sparse
     tensors, the same units as the ERK allocation, instead of the code's comparison of an ERK target with an
     "effective" density that counts shared weights once per use (§3h item 4); each tensor goes exactly to its ERK
     count (the code only grows, or only prunes, all tensors at once, which lets the total drift from the target);
@@ -112,43 +114,32 @@ class CyclicSparsitySchedule(Callback):
         cycles: int = 2,
         cycle_length: int | float = 0.2,
         length_multiplier: float = 1.0,
-        shape: Literal["cosine", "triangular"] = "cosine",
+        shape: CycleShape = "cosine",
         every_n_steps: int = 100,
-        distribution: str | None = None,
+        distribution: Distribution | None = None,
         power_scale: float | None = None,
         min_active_per_channel: int = 1,
-        growth_rule: str | None = None,
+        growth_rule: GrowthRule | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(max_multiplier, bool) or not isinstance(max_multiplier, (int, float)):
-            raise TypeError(f"max_multiplier must be a float, got {type(max_multiplier).__name__}")
-        if not (math.isfinite(max_multiplier) and max_multiplier >= 1.0):
-            raise ValueError(f"max_multiplier is the peak as a multiple of the budget and must be >= 1, got {max_multiplier}")
-        for name, value in (("cycles", cycles), ("every_n_steps", every_n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.max_multiplier = check_real(
+            max_multiplier, "max_multiplier", low=1.0, what=" (the peak as a multiple of the budget)"
+        )
+        self.cycles = check_int(cycles, "cycles", minimum=1)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
         self.cycle_length = check_schedule_point(cycle_length, "cycle_length", allow_zero=False)
-        if isinstance(length_multiplier, bool) or not isinstance(length_multiplier, (int, float)):
-            raise TypeError(f"length_multiplier must be a float, got {type(length_multiplier).__name__}")
-        if not (math.isfinite(length_multiplier) and length_multiplier > 0):
-            raise ValueError(f"length_multiplier must be > 0, got {length_multiplier}")
-        if shape not in ("cosine", "triangular"):
-            raise ValueError(f"shape must be 'cosine' or 'triangular', got {shape!r}")
-        if distribution is not None and distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)} or None")
-        if power_scale is not None and not power_scale >= 0:
-            raise ValueError(f"power_scale must be >= 0 or None, got {power_scale}")
-        self.max_multiplier = float(max_multiplier)
-        self.cycles = cycles
-        self.length_multiplier = float(length_multiplier)
-        self.shape = shape
-        self.every_n_steps = every_n_steps
-        self.distribution = distribution
-        self.power_scale = power_scale
-        self.min_active_per_channel = check_min_active_per_channel(min_active_per_channel)
-        self.growth_rule = resolve_growth_rule(growth_rule, self.min_active_per_channel)
+        self.length_multiplier = check_real(length_multiplier, "length_multiplier", low=0.0, low_open=True)
+        self.shape = check_choice(shape, "shape", CycleShape)
+        self.distribution = None if distribution is None else check_choice(distribution, "distribution", Distribution)
+        self.power_scale = None if power_scale is None else check_real(power_scale, "power_scale", low=0.0)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
+        self._warned_nonfinite = False
 
         self._owner: MaskOwner | None = None
         self._lengths: list[int] = []
@@ -164,6 +155,7 @@ class CyclicSparsitySchedule(Callback):
         self.last_target_nnz = 0
         self.last_realised_nnz = 0
         self._numel = 0
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -197,7 +189,9 @@ class CyclicSparsitySchedule(Callback):
             RuntimeError: before the start of training.
         """
         if self._budget is None:
-            raise RuntimeError("CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first")
+            raise RuntimeError(
+                "CyclicSparsitySchedule sets its budget at the start of training; call trainer.fit first"
+            )
         position = cycle_position(step, self._lengths)
         if position is None:
             return self._budget
@@ -222,6 +216,7 @@ class CyclicSparsitySchedule(Callback):
         self._lengths = cycle_lengths(first, self.cycles, self.length_multiplier)
         masks = self._masks()
         self._numel = masks.numel()
+        self._log_gate.reset()
         if self._budget is None:
             self._budget = masks.nnz()
             self.last_target_nnz = self.last_realised_nnz = self._budget
@@ -240,20 +235,18 @@ class CyclicSparsitySchedule(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the target and realised densities and the counters (host-side numbers only: no device sync)."""
+        """Log the target and realised densities and the counters when they changed (host numbers: no device sync)."""
         if not self._numel:
             return
-        pl_module.log_dict(
-            {
-                "cyclic/target_density": self.last_target_nnz / self._numel,
-                "cyclic/realised_density": self.last_realised_nnz / self._numel,
-                "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
-                "cyclic/updates": float(self.num_updates),
-                "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            "cyclic/target_density": self.last_target_nnz / self._numel,
+            "cyclic/realised_density": self.last_realised_nnz / self._numel,
+            "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
+            "cyclic/updates": float(self.num_updates),
+            "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
+        }
+        if self._log_gate.changed(trainer, metrics):
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -304,6 +297,14 @@ class CyclicSparsitySchedule(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"CyclicSparsitySchedule: skipped the update at step {step}: a sparse tensor's gradient is not "
+                    "finite (nan/inf loss?). Further skips are counted in cyclic/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
         target = self.target_nnz(step)
         new_masks = self._masks_for(masks, target)
@@ -357,10 +358,17 @@ class CyclicSparsitySchedule(Callback):
             for name in shapes
             if fnmatchcase(name, pattern)
         }
+        # Frozen tensors (included by a pattern) keep their count: nothing grown into them could ever train.
+        current = masks.layer_nnz()
+        frozen = [name for name, param in masks.parameters.items() if not param.requires_grad]
+        fixed.update({name: current[name] / masks.numel(name) for name in frozen})
         densities = layer_densities(
             shapes, 1.0 - target / self._numel, distribution, power_scale=power_scale, fixed_densities=fixed
         )
-        return active_counts(shapes, densities, total=target)
+        counts = active_counts(shapes, densities, total=target)
+        for name in frozen:  # guard the rounding: a frozen tensor's count never changes
+            counts[name] = current[name]
+        return counts
 
 
 def _distribution_settings(owner: Any) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from numbers import Real
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -20,15 +21,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sparse.functional.channels import check_min_active_per_channel, resolve_growth_rule
-from lightning_sparse.functional.criteria import ROUNDINGS, cosine_drop_fraction, rigl_update, set_update, update_count
+from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
+from lightning_sparse.callbacks._log_gate import ChangeGate
+from lightning_sparse.callbacks._rank_logging import log_replicated
+from lightning_sparse.functional.channels import resolve_growth_rule
+from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
-from lightning_sparse.masks import MaskOwner, SparseMasks, check_masks_fit, find_mask_owner
+from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
 
 __all__ = ["DynamicReallocation", "METHODS"]
 
-METHODS = ("dsr", "set", "rigl")
+METHODS: tuple[str, ...] = get_args(Method)
 """The topology-update methods of :class:`DynamicReallocation`."""
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
@@ -45,16 +49,16 @@ class DynamicReallocation(Callback):
 
     Methods:
 
-    * ``"dsr"`` (Mostafa & Wang 2019, ALGORITHMS.md §2a): prune every active weight with ``|w| < H`` (one global
+    * ``"dsr"`` (Mostafa & Wang 2019, docs/algorithms.md §2a): prune every active weight with ``|w| < H`` (one global
       threshold H over all sparse tensors; a layer is never emptied), regrow as many weights, shared out in
       proportion to each layer's surviving weights, at random inactive positions not pruned in this update (value
       0); then ``H <- H / 2`` if more than ``(1 + tolerance) x Np`` were pruned, ``H <- 2 H`` if fewer than
       ``(1 - tolerance) x Np``. Per-layer densities drift; the total is fixed.
-    * ``"set"`` (Mocanu et al. 2018, ALGORITHMS.md §4b): per tensor, drop the fraction ``drop_fraction`` of the
+    * ``"set"`` (Mocanu et al. 2018, docs/algorithms.md §4b): per tensor, drop the fraction ``drop_fraction`` of the
       active weights with the smallest ``|w|`` and regrow as many at random positions that were inactive before
       the update (value 0). A tensor with fewer inactive positions than that replaces only as many as it has (a
       fully dense tensor is left as it is). Per-tensor counts are fixed.
-    * ``"rigl"`` (Evci et al. 2020, ALGORITHMS.md §4a): per tensor, drop ``f(t) x nnz`` active weights with the
+    * ``"rigl"`` (Evci et al. 2020, docs/algorithms.md §4a): per tensor, drop ``f(t) x nnz`` active weights with the
       smallest ``|w|`` and grow the positions with the largest dense-gradient magnitude, where
       ``f(t) = drop_fraction / 2 x (1 + cos(pi t / T_end))`` and ``T_end`` is the ``stop_at`` step. A tensor whose
       gradient is ``None`` at an update step (unused in that step) is left unchanged: there is no gradient to rank
@@ -71,7 +75,7 @@ class DynamicReallocation(Callback):
     When: updates run at optimizer-step counts ``t = trainer.global_step`` (so gradient accumulation is handled)
     with ``t > 0``, ``t`` a multiple of the period and ``t < stop_at x trainer.estimated_stepping_batches``. They run
     inside MaskInit's ``on_before_optimizer_step`` before the gradients are masked, so they see the dense,
-    DDP-averaged, AMP-unscaled gradient whatever the order of the callbacks list (ARCHITECTURE.md §4). An update is
+    DDP-averaged, AMP-unscaled gradient whatever the order of the callbacks list (docs/architecture.md §4). An update is
     skipped, and counted, when a sparse tensor's gradient is not finite, and while another callback holds the mask
     budget (:meth:`SparseMasks.hold_budget <lightning_sparse.masks.SparseMasks.hold_budget>`; EAST's cyclic density
     schedule does so during its cycles).
@@ -96,10 +100,10 @@ class DynamicReallocation(Callback):
         method: ``"dsr"``, ``"set"`` or ``"rigl"``.
         every_n_steps: the update period in optimizer steps (an int >= 1), or a
             :class:`~lightning_sparse.schedules.PeriodSchedule` such as DSR's stepped period
-            ``SteppedPeriod(100, milestones=[0.125, 0.4, 0.7])`` (ALGORITHMS.md §2b).
+            ``SteppedPeriod(100, milestones=[0.125, 0.4, 0.7])`` (docs/algorithms.md §2b).
         stop_at: fraction of the total optimizer steps (``trainer.estimated_stepping_batches``) in (0, 1] after
             which the masks are fixed. ``None``: 0.95 for DSR and SET (DSR's runs stop at epoch 190 of 200 and 95
-            of 100, ALGORITHMS.md §2b), 0.75 for RigL (§4a).
+            of 100, docs/algorithms.md §2b), 0.75 for RigL (§4a).
         prune_target: DSR's Np, the number of weights the threshold aims to prune per update: a whole number
             >= 1 is a count, a value in (0, 1) a fraction of the active weights at that update. ``None``: 0.1. (The paper's
             WRN-28-2 runs use Np = 20,000, 0.07 to 0.14 of the active weights at 80% to 90% sparsity.) DSR only.
@@ -107,7 +111,7 @@ class DynamicReallocation(Callback):
         tolerance: DSR's delta (>= 0), the band ``[(1 - delta) Np, (1 + delta) Np]`` within which H is kept.
             ``None``: 0.1, as in the paper. DSR only.
         drop_fraction: SET's zeta or RigL's alpha, in (0, 1]. ``None``: 0.3 for both (SET's published default,
-            ALGORITHMS.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
+            docs/algorithms.md §4b, though DSR's SET baseline used 0.07 to 0.14 at DSR's period; RigL's alpha, §4a).
             SET and RigL only.
         seed: seed of the CPU generator used for random growth and allocation tie-breaks; the same on every rank.
         min_active_per_channel: channel safety (docs/troubleshooting.md): no update drops any of the
@@ -121,9 +125,9 @@ class DynamicReallocation(Callback):
             :data:`~lightning_sparse.functional.channels.GROWTH_RULES`. ``None``: ``"channel_normalized"`` when
             ``min_active_per_channel > 0``, ``"global"`` when it is 0. RigL only.
         drop_fraction_floor: the cosine-annealed fraction decays from ``drop_fraction`` to this value at
-            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, ALGORITHMS.md §3e).
+            ``stop_at`` instead of to 0 (EAST's code: 0.5 to 0.005 over the whole run, docs/algorithms.md §3e).
             ``None``: 0. RigL only.
-        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, ALGORITHMS.md §3a)
+        rounding: ``"floor"`` (RigL's and SET's ``floor(f x nnz)``) or ``"ceil"`` (EAST's code, docs/algorithms.md §3a)
             for the number of weights a tensor replaces. ``None``: ``"floor"``. SET and RigL only.
 
     Raises:
@@ -144,7 +148,7 @@ class DynamicReallocation(Callback):
 
     def __init__(
         self,
-        method: str = "dsr",
+        method: Method = "dsr",
         every_n_steps: int | PeriodSchedule = 100,
         stop_at: float | None = None,
         prune_target: int | float | None = None,
@@ -153,21 +157,21 @@ class DynamicReallocation(Callback):
         drop_fraction: float | None = None,
         seed: int = 0,
         min_active_per_channel: int = 1,
-        growth_rule: str | None = None,
+        growth_rule: GrowthRule | None = None,
         drop_fraction_floor: float | None = None,
-        rounding: str | None = None,
+        rounding: Rounding | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(repr(m) for m in METHODS)}")
-        self.method = method
+        self.method = check_choice(method, "method", Method)
         self.schedule = _as_schedule(every_n_steps)
         self.stop_at = _DEFAULT_STOP_AT[method] if stop_at is None else _check_stop_at(stop_at)
 
         dsr_only = {"prune_target": prune_target, "initial_threshold": initial_threshold, "tolerance": tolerance}
         unused = [name for name, value in dsr_only.items() if value is not None] if method != "dsr" else []
         if method == "dsr":
-            unused += [name for name, value in (("drop_fraction", drop_fraction), ("rounding", rounding)) if value is not None]
+            unused += [
+                name for name, value in (("drop_fraction", drop_fraction), ("rounding", rounding)) if value is not None
+            ]
         if method != "rigl":
             unused += [
                 name
@@ -181,37 +185,44 @@ class DynamicReallocation(Callback):
                 "drop_fraction_floor are RigL's)"
             )
         self.prune_target = _check_prune_target(0.1 if prune_target is None else prune_target)
-        self.initial_threshold = 1e-3 if initial_threshold is None else float(initial_threshold)
-        if not (math.isfinite(self.initial_threshold) and self.initial_threshold > 0):
-            raise ValueError(f"initial_threshold (DSR's H0) must be a finite number > 0, got {initial_threshold}")
-        self.tolerance = 0.1 if tolerance is None else float(tolerance)
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"tolerance (DSR's delta) must be a finite number >= 0, got {tolerance}")
-        self.drop_fraction = 0.3 if drop_fraction is None else float(drop_fraction)
-        if not 0.0 < self.drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must be in (0, 1], got {drop_fraction}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
-        self.min_active_per_channel = check_min_active_per_channel(min_active_per_channel)
-        self.growth_rule = resolve_growth_rule(growth_rule, self.min_active_per_channel)
-        self.drop_fraction_floor = 0.0 if drop_fraction_floor is None else float(drop_fraction_floor)
-        if not 0.0 <= self.drop_fraction_floor <= self.drop_fraction:
-            raise ValueError(
-                f"drop_fraction_floor must be in [0, drop_fraction={self.drop_fraction}], got {drop_fraction_floor}"
-            )
-        self.rounding = "floor" if rounding is None else rounding
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {', '.join(repr(r) for r in ROUNDINGS)}, got {rounding!r}")
+        self.initial_threshold = check_real(
+            1e-3 if initial_threshold is None else initial_threshold,
+            "initial_threshold",
+            low=0.0,
+            low_open=True,
+            what=" (DSR's H0)",
+        )
+        self.tolerance = check_real(
+            0.1 if tolerance is None else tolerance, "tolerance", low=0.0, what=" (DSR's delta)"
+        )
+        self.drop_fraction = check_real(
+            0.3 if drop_fraction is None else drop_fraction, "drop_fraction", low=0.0, high=1.0, low_open=True
+        )
+        self.seed = check_seed(seed)
+        self.min_active_per_channel = check_int(
+            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
+        )
+        self.growth_rule = resolve_growth_rule(
+            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
+            self.min_active_per_channel,
+        )
+        self.drop_fraction_floor = check_real(
+            0.0 if drop_fraction_floor is None else drop_fraction_floor,
+            "drop_fraction_floor",
+            low=0.0,
+            high=self.drop_fraction,
+            what=" (at most drop_fraction)",
+        )
+        self.rounding = "floor" if rounding is None else check_choice(rounding, "rounding", Rounding)
 
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._threshold = self.initial_threshold
         self._owner: MaskOwner | None = None
         self._total_steps = 0
         self._stop_step = 0
-        self._ever_active: dict[str, Tensor] | None = None
         self._checkpoint_ever_active: dict[str, Tensor] | None = None
         self._itop_rate = 0.0
+        self._warned_nonfinite = False
         self.num_updates = 0
         """Updates that ran (including DSR updates that pruned nothing)."""
         self.num_skipped_nonfinite = 0
@@ -224,6 +235,7 @@ class DynamicReallocation(Callback):
         self.last_pruned = 0
         self.last_grown = 0
         self.last_drop_fraction = 0.0
+        self._log_gate = ChangeGate()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -238,10 +250,14 @@ class DynamicReallocation(Callback):
 
     @property
     def ever_active(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool tensor of the positions that have been active at some point of training."""
-        if self._ever_active is None:
+        """Parameter name -> bool tensor of the positions that have been active at some point of training.
+
+        Kept by the masks themselves (:attr:`SparseMasks.ever_active <lightning_sparse.masks.SparseMasks.ever_active>`),
+        so changes made by any callback count.
+        """
+        if self._owner is None:
             raise RuntimeError("DynamicReallocation tracks active positions from the start of training on")
-        return dict(self._ever_active)
+        return self._masks().ever_active
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
@@ -264,16 +280,11 @@ class DynamicReallocation(Callback):
         self._total_steps = max(int(total), 1)
         self._stop_step = max(round(self.stop_at * self._total_steps), 1)
         masks = self._masks()
-        if self._checkpoint_ever_active is not None:
-            check_masks_fit(self._checkpoint_ever_active, {name: mask.shape for name, mask in masks.items()})
-            self._ever_active = {
-                name: self._checkpoint_ever_active[name].to(device=mask.device, dtype=torch.bool) | mask
-                for name, mask in masks.items()
-            }
+        if self._checkpoint_ever_active is not None:  # checkpoints written before the masks kept this history
+            masks.merge_ever_active_(self._checkpoint_ever_active)
             self._checkpoint_ever_active = None
-        elif self._ever_active is None or set(self._ever_active) != set(masks):
-            self._ever_active = {name: mask.clone() for name, mask in masks.items()}
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
+        self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
             f"of {self._total_steps}"
@@ -283,7 +294,7 @@ class DynamicReallocation(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log the reallocation curves (host-side numbers only: no device sync)."""
+        """Log the reallocation curves when they changed (host-side numbers only: no device sync)."""
         metrics = {
             "reallocation/updates": float(self.num_updates),
             "reallocation/pruned": float(self.last_pruned),
@@ -296,7 +307,8 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._log_gate.changed(trainer, metrics):
+            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -314,11 +326,6 @@ class DynamicReallocation(Callback):
             "last_grown": self.last_grown,
             "last_drop_fraction": self.last_drop_fraction,
             "generator_state": self._generator.get_state(),
-            "ever_active": (
-                {name: mask.detach().cpu().clone() for name, mask in self._ever_active.items()}
-                if self._ever_active is not None
-                else None
-            ),
         }
 
     @override
@@ -377,6 +384,14 @@ class DynamicReallocation(Callback):
             return
         if not masks.grads_are_finite():
             self.num_skipped_nonfinite += 1
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"DynamicReallocation: skipped the update at step {step}: a sparse tensor's gradient is not finite "
+                    "(nan/inf loss?). Further skips are counted in reallocation/skipped_nonfinite without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return
 
         expected_nnz = masks.nnz()
@@ -398,17 +413,18 @@ class DynamicReallocation(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        for name, mask in masks.items():
-            self._ever_active[name] |= mask
-        self._itop_rate = self._count_ever_active() / masks.numel()
+        self._itop_rate = masks.itop_rate()
         self.num_updates += 1
         self.last_update_step = step
         self.last_pruned = pruned
         self.last_grown = grown
 
     def _dsr(self, masks: SparseMasks, active: int) -> tuple[dict[str, Tensor], int, int]:
-        names = list(masks)
         params = masks.parameters
+        # Frozen tensors (included by a pattern) keep their masks: nothing grown into them could ever train.
+        names = [name for name in masks if params[name].requires_grad]
+        if not names:
+            return {}, 0, 0
         target = self.prune_target if isinstance(self.prune_target, int) else round(self.prune_target * active)
         result = dsr_reallocate(
             [params[name].detach() for name in names],
@@ -436,8 +452,8 @@ class DynamicReallocation(Callback):
         grown: list[Tensor] = []
         for name, nnz in masks.layer_nnz().items():
             param, mask = params[name], masks[name]
-            if nnz == 0:
-                continue
+            if nnz == 0 or not param.requires_grad:
+                continue  # frozen tensors keep their masks: nothing grown into them could ever train
             if use_gradient:
                 if param.grad is None:
                     continue  # unused in this step: nothing to rank growth by (see the class docstring)
@@ -454,7 +470,11 @@ class DynamicReallocation(Callback):
                 # Regrowth excludes the just-dropped positions, so a nearly dense tensor replaces fewer.
                 count = min(update_count(nnz, fraction, self.rounding), mask.numel() - nnz)
                 update = set_update(
-                    param.detach(), mask, count / nnz, self._generator, min_active_per_channel=self.min_active_per_channel
+                    param.detach(),
+                    mask,
+                    count / nnz,
+                    self._generator,
+                    min_active_per_channel=self.min_active_per_channel,
                 )
             new_masks[name] = update.mask
             dropped.append(update.dropped.sum())
@@ -464,31 +484,27 @@ class DynamicReallocation(Callback):
         counts = torch.stack([torch.stack(dropped).sum(), torch.stack(grown).sum()]).tolist()
         return new_masks, int(counts[0]), int(counts[1])
 
-    def _count_ever_active(self) -> int:
-        assert self._ever_active is not None
-        return int(torch.stack([torch.count_nonzero(mask) for mask in self._ever_active.values()]).sum())
-
 
 def _as_schedule(every_n_steps: int | PeriodSchedule) -> PeriodSchedule:
     if isinstance(every_n_steps, PeriodSchedule):
         return every_n_steps
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+    try:
+        return ConstantPeriod(check_int(every_n_steps, "every_n_steps", minimum=1))
+    except TypeError:
         raise TypeError(
-            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {type(every_n_steps).__name__}"
-        )
-    if every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be >= 1 optimizer step, got {every_n_steps}")
-    return ConstantPeriod(every_n_steps)
+            f"every_n_steps must be an int or a PeriodSchedule (e.g. SteppedPeriod), got {every_n_steps!r}"
+        ) from None
 
 
 def _check_stop_at(stop_at: float) -> float:
-    if isinstance(stop_at, bool) or not isinstance(stop_at, (int, float)):
-        raise TypeError(f"stop_at must be a float in (0, 1], got {type(stop_at).__name__}")
-    if not 0.0 < stop_at <= 1.0:
-        raise ValueError(
-            f"stop_at is the fraction of training after which the masks are fixed and must be in (0, 1], got {stop_at}"
-        )
-    return float(stop_at)
+    return check_real(
+        stop_at,
+        "stop_at",
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        what=" (the fraction of training after which the masks are fixed)",
+    )
 
 
 def _check_prune_target(prune_target: int | float) -> int | float:
@@ -496,8 +512,10 @@ def _check_prune_target(prune_target: int | float) -> int | float:
 
     Whole-number floats count as counts because YAML configs and LightningCLI may deliver ``20000`` as ``20000.0``.
     """
-    if isinstance(prune_target, bool) or not isinstance(prune_target, (int, float)):
-        raise TypeError(f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}")
+    if isinstance(prune_target, bool) or not isinstance(prune_target, Real):
+        raise TypeError(
+            f"prune_target must be an int (a count) or a float (a fraction), got {type(prune_target).__name__}"
+        )
     if 0.0 < prune_target < 1.0:
         return float(prune_target)
     if prune_target >= 1 and float(prune_target).is_integer():

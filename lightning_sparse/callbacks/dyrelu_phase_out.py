@@ -2,7 +2,7 @@ r"""
 DyReLUPhaseOut
 ^^^^^^^^^^^^^^
 
-Trains with dynamic ReLU (DyReLU-B) early and blends it back to plain ReLU (EAST, ALGORITHMS.md §3c).
+Trains with dynamic ReLU (DyReLU-B) early and blends it back to plain ReLU (EAST, docs/algorithms.md §3c).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sparse._validation import check_int
+from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, isolated_rng, run_length, schedule_point_to_step
+from lightning_sparse.callbacks._rank_logging import log_replicated
 from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 from lightning_sparse.nn.dyrelu_conversion import convert_dyrelu_to_relu, convert_relu_to_dyrelu, dyrelu_modules
 
@@ -24,7 +27,7 @@ __all__ = ["DyReLUPhaseOut", "phase_out_blend"]
 
 
 def phase_out_blend(step: int, start_step: int, end_step: int) -> float:
-    """EAST's DyReLU blend factor at an optimizer step (ALGORITHMS.md §3c "Phasing").
+    """EAST's DyReLU blend factor at an optimizer step (docs/algorithms.md §3c "Phasing").
 
     ``beta = 1`` up to ``start_step``, ``1 - (step - start_step) / (end_step - start_step)`` in between, and 0 from
     ``end_step`` on. With ``start_step == end_step`` beta drops from 1 to 0 at that step.
@@ -51,14 +54,14 @@ def phase_out_blend(step: int, start_step: int, end_step: int) -> float:
 class DyReLUPhaseOut(Callback):
     r"""Swap a model's ReLUs for DyReLU-B in ``setup``, then phase DyReLU out to ReLU between ``start`` and ``end``.
 
-    EAST (Li et al. 2024; ALGORITHMS.md §3c): every ``nn.ReLU`` module becomes a channel-wise
+    EAST (Li et al. 2024; docs/algorithms.md §3c): every ``nn.ReLU`` module becomes a channel-wise
     :class:`~lightning_sparse.nn.DyReLU` (K = 2, reduction 4, lambdas (1.0, 0.5), initial coefficients
     (1, 0, 0, 0)). Its blend factor beta is 1 until ``start``, falls linearly to 0 at ``end`` and stays 0; at beta = 0
     the unit is exactly ReLU and skips its hyper-network. The model's outputs after ``end`` therefore equal those
     of the same weights with plain ReLU, and :meth:`export_relu` (or ``export_relu_at_end=True``) turns the
     phased-out modules back into ``nn.ReLU`` for export.
 
-    Choices where the authors' code and the paper differ (ALGORITHMS.md §3h item 1): the paper's semantics are
+    Choices where the authors' code and the paper differ (docs/algorithms.md §3h item 1): the paper's semantics are
     implemented, DyReLU from the first step with a linear decay of beta; the latest code's variant (DyReLU active only
     inside the window) is not. Beta advances per optimizer step from ``trainer.global_step`` rather than per epoch, so
     the decay is linear at a finer grain than the code's per-epoch steps; with ``start``/``end`` as whole epochs the
@@ -124,8 +127,7 @@ class DyReLUPhaseOut(Callback):
             raise ValueError(f"end ({end}) must not come before start ({start})")
         if example_input is not None and not isinstance(example_input, Tensor):
             raise TypeError(f"example_input must be a torch.Tensor batch, got {type(example_input).__name__}")
-        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
-            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        reduction = check_int(reduction, "reduction", minimum=1)
         self.example_input = example_input
         self.channels = dict(channels) if channels is not None else None
         self.reduction = reduction
@@ -137,6 +139,8 @@ class DyReLUPhaseOut(Callback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._hook_handles: list[Any] = []
+        self._hyper_parameters: list[nn.Parameter] = []
+        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -182,13 +186,15 @@ class DyReLUPhaseOut(Callback):
                 f"(step {self._start_step}); put end after start"
             )
         self._advance(trainer.global_step)
+        self._hyper_parameters = [
+            param for dyrelu in dyrelu_modules(pl_module).values() for param in dyrelu.parameters()
+        ]
+        self._log_gate.reset()
         self._remove_hooks()
         if isinstance(trainer.strategy.model, nn.parallel.DistributedDataParallel):
             for dyrelu in set(dyrelu_modules(pl_module).values()):
                 self._hook_handles.append(dyrelu.register_forward_hook(_keep_hypernetwork_in_graph))
-        rank_zero_info(
-            f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}"
-        )
+        rank_zero_info(f"DyReLUPhaseOut: beta 1 until step {self._start_step}, 0 from step {self._end_step} of {total}")
 
     @override
     def on_train_batch_start(
@@ -203,16 +209,16 @@ class DyReLUPhaseOut(Callback):
     ) -> None:
         """Once beta is 0, drop the hyper-networks' gradients so that the optimizer leaves them as they are."""
         if self._beta == 0.0:
-            for dyrelu in dyrelu_modules(pl_module).values():
-                for param in dyrelu.parameters():
-                    param.grad = None
+            for param in self._hyper_parameters:  # listed once at the start of training, not searched every step
+                param.grad = None
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log beta (``dyrelu/beta``)."""
-        pl_module.log("dyrelu/beta", self._beta, on_step=True, on_epoch=False)
+        """Log beta (``dyrelu/beta``) when it changed."""
+        if self._log_gate.changed(trainer, {"dyrelu/beta": self._beta}):
+            log_replicated(pl_module, {"dyrelu/beta": self._beta}, on_step=True)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -253,7 +259,9 @@ class DyReLUPhaseOut(Callback):
             )
         try:
             with isolated_rng(type(self).__name__):
-                convert_relu_to_dyrelu(pl_module, example_input=example, channels=self.channels, reduction=self.reduction)
+                convert_relu_to_dyrelu(
+                    pl_module, example_input=example, channels=self.channels, reduction=self.reduction
+                )
         except ValueError as error:
             raise ValueError(
                 f"DyReLUPhaseOut could not swap the model's ReLUs for DyReLU: {error} With the callback, pass "

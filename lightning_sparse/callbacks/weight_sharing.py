@@ -2,7 +2,7 @@ r"""
 WeightSharing
 ^^^^^^^^^^^^^
 
-Lets the later blocks of each residual stage reuse one block's conv weights (EAST, ALGORITHMS.md §3d).
+Lets the later blocks of each residual stage reuse one block's conv weights (EAST, docs/algorithms.md §3d).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_sparse._validation import check_int, check_real
 from lightning_sparse.callbacks._progress import isolated_rng
 from lightning_sparse.nn.weight_sharing import SharedConv2d, WeightSharingReport, share_stage_weights
 
@@ -27,7 +28,7 @@ class WeightSharing(Callback):
     In every residual stage of ``min_blocks`` or more structurally identical blocks, each block after
     ``source_block`` reuses the source block's conv weights (the same ``Parameter``, hence one mask and the summed
     gradient of every user), each use scaled by its own learnable scalar; BatchNorm, activations and shortcut convs
-    are not shared (ALGORITHMS.md §3d). EAST's default is ``source_block=1``: blocks 3..n of a stage reuse block 2.
+    are not shared (docs/algorithms.md §3d). EAST's default is ``source_block=1``: blocks 3..n of a stage reuse block 2.
 
     The transform runs in ``setup``, before the optimizers are built, so ``configure_optimizers`` sees the shared
     model. It is idempotent: a model that already shares weights (a second ``fit``, or a resume in the same
@@ -64,21 +65,11 @@ class WeightSharing(Callback):
 
     def __init__(self, source_block: int = 1, min_blocks: int = 3, scale_init: float | None = None) -> None:
         super().__init__()
-        for name, value in (("source_block", source_block), ("min_blocks", min_blocks)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if source_block < 0:
-            raise ValueError(f"source_block is a 0-based block index and must be >= 0, got {source_block}")
-        if min_blocks < 2:
-            raise ValueError(f"min_blocks must be >= 2 (a source block and one block reusing it), got {min_blocks}")
-        if scale_init is not None:
-            if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)):
-                raise TypeError(f"scale_init must be a float or None, got {type(scale_init).__name__}")
-            if not torch.isfinite(torch.tensor(float(scale_init))):
-                raise ValueError(f"scale_init must be finite, got {scale_init}")
-        self.source_block = source_block
-        self.min_blocks = min_blocks
-        self.scale_init = None if scale_init is None else float(scale_init)
+        self.source_block = check_int(source_block, "source_block", minimum=0, what=" (a 0-based block index)")
+        self.min_blocks = check_int(
+            min_blocks, "min_blocks", minimum=2, what=" (a source block and one block reusing it)"
+        )
+        self.scale_init = None if scale_init is None else check_real(scale_init, "scale_init")
         self._report: WeightSharingReport | None = None
 
     @property

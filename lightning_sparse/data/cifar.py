@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightning_sparse._validation import check_choice
 from lightning_sparse.data._base import ImageDataModule
 from lightning_sparse.data.errors import DatasetNotFoundError
 
@@ -63,8 +64,7 @@ class _CIFARDataModule(ImageDataModule):
             raise ValueError(
                 f"val_split must be in [0, 1) (e.g. 0.1 as in EAST, or 0 to validate on test), got {val_split}."
             )
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
+        check_choice(padding_mode, "padding_mode", PaddingMode)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.download = download
@@ -74,7 +74,7 @@ class _CIFARDataModule(ImageDataModule):
         self.padding_mode = padding_mode
 
     def train_transform(self) -> v2.Compose:
-        """Pad 4 + random crop 32 + horizontal flip (if ``augment``), then normalise (ALGORITHMS.md §2b, §3f)."""
+        """Pad 4 + random crop 32 + horizontal flip (if ``augment``), then normalise (docs/algorithms.md §2b, §3f)."""
         augmentation = []
         if self.augment:
             augmentation = [v2.RandomCrop(32, padding=4, padding_mode=self.padding_mode), v2.RandomHorizontalFlip()]
@@ -141,7 +141,7 @@ class CIFAR10DataModule(_CIFARDataModule):
 
     Training images get reflect-pad 4 + random 32x32 crop + horizontal flip; all images are normalised with
     mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010), the values of the DSR/EAST code
-    (ALGORITHMS.md §3f; the std is the widely copied one, smaller than the true per-pixel std).
+    (docs/algorithms.md §3f; the std is the widely copied one, smaller than the true per-pixel std).
 
     Args:
         data_dir: folder that holds (or will hold) ``cifar-10-batches-py``.
@@ -175,7 +175,7 @@ class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100 (50,000 train / 10,000 test 32x32 RGB images, 100 fine classes) via torchvision.
 
     Same augmentation as :class:`CIFAR10DataModule` (the EAST code zero-pads for CIFAR-100: pass
-    ``padding_mode="constant"`` to match it, ALGORITHMS.md §3f); normalised with the CIFAR-100 training-set
+    ``padding_mode="constant"`` to match it, docs/algorithms.md §3f); normalised with the CIFAR-100 training-set
     channel mean (0.5071, 0.4865, 0.4409) and std (0.2673, 0.2564, 0.2762).
 
     Args:

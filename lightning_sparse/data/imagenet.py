@@ -27,7 +27,7 @@ class ImageNetFolderDataModule(ImageDataModule):
     Train: ``RandomResizedCrop(image_size)`` + horizontal flip. Validation and test (both read from
     ``data_dir/val``): resize the short side to ``resize_size``, then ``CenterCrop(image_size)``. All images
     are normalised with the ImageNet channel mean and std. This is the DSR ResNet-50 protocol
-    (ALGORITHMS.md §2b, "augmentation"). Nothing is downloaded: ImageNet needs a manual download.
+    (docs/algorithms.md §2b, "augmentation"). Nothing is downloaded: ImageNet needs a manual download.
 
     Args:
         data_dir: folder containing ``train/`` and ``val/``, each with one sub-folder per class.

@@ -1,7 +1,7 @@
 """Per-layer drop and grow criteria for dynamic sparse training.
 
 Pure tensor functions (no Lightning): each takes one layer's weight / gradient / mask and returns new boolean
-masks. They implement the building blocks of ALGORITHMS.md §4c: magnitude drop (SET §4b, RigL §4a), gradient
+masks. They implement the building blocks of docs/algorithms.md §4c: magnitude drop (SET §4b, RigL §4a), gradient
 growth (RigL §4a), random growth (SET §4b, DSR §2a) and the cosine-annealed drop fraction (RigL §4a), plus the
 complete per-layer SET and RigL updates.
 
@@ -107,7 +107,7 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 def magnitude_drop(weight: Tensor, mask: Tensor, count: int, min_active_per_channel: int = 0) -> Tensor:
     """Deactivate the ``count`` active weights with the smallest magnitude.
 
-    The drop criterion of SET (Mocanu et al. 2018, ALGORITHMS.md §4b) and RigL (Evci et al. 2020, §4a). Ties
+    The drop criterion of SET (Mocanu et al. 2018, docs/algorithms.md §4b) and RigL (Evci et al. 2020, §4a). Ties
     in |w| are broken by flat index (lowest index dropped first), which makes the result deterministic on every
     device; RigL's code uses tiny noise instead. With ``min_active_per_channel = m > 0`` the ``m`` largest-|w|
     weights of every output channel are never dropped (:func:`~lightning_sparse.functional.channels.floor_protected`;
@@ -158,8 +158,8 @@ def gradient_grow(
 ) -> Tensor:
     """Activate the ``count`` inactive positions with the largest gradient magnitude.
 
-    The growth criterion of RigL (Evci et al. 2020, ALGORITHMS.md §4a) and of EAST's cyclic grow phase (§3e).
-    ``grad`` must be the *dense* gradient (ALGORITHMS.md §1): gradients already masked to zero at inactive
+    The growth criterion of RigL (Evci et al. 2020, docs/algorithms.md §4a) and of EAST's cyclic grow phase (§3e).
+    ``grad`` must be the *dense* gradient (docs/algorithms.md §1): gradients already masked to zero at inactive
     positions carry no information. Ties in |grad| are broken by flat index (lowest index first). ``rule``
     chooses how positions are compared (:data:`~lightning_sparse.functional.channels.GROWTH_RULES`): ``"global"``
     is RigL's rule; the channel-balanced rules keep an output channel with BatchNorm-inflated gradients from taking
@@ -211,7 +211,7 @@ def random_grow(
 ) -> Tensor:
     """Activate ``count`` positions drawn uniformly at random among inactive, non-excluded positions.
 
-    The growth criterion of SET (ALGORITHMS.md §4b) and DSR (§2a). Drawing is a ``randperm`` over the candidate
+    The growth criterion of SET (docs/algorithms.md §4b) and DSR (§2a). Drawing is a ``randperm`` over the candidate
     list, so every subset of size ``count`` is equally likely. The random numbers are drawn on the generator's
     device (CPU when ``generator`` is None, which uses torch's default generator) and the chosen indices are
     moved to ``mask``'s device, so a CPU generator with a given seed picks the same positions for CPU and CUDA
@@ -292,9 +292,9 @@ def _draw_distinct_candidates(
 def cosine_drop_fraction(step: int, end_step: int, initial: float = 0.3, floor: float = 0.0) -> float:
     """Cosine-annealed drop fraction ``f(t) = floor + (initial - floor)/2 * (1 + cos(pi * t / T_end))``.
 
-    With ``floor = 0`` this is RigL's schedule (Evci et al. 2020, ALGORITHMS.md §4a; the default ``initial`` is
+    With ``floor = 0`` this is RigL's schedule (Evci et al. 2020, docs/algorithms.md §4a; the default ``initial`` is
     RigL's alpha = 0.3), 0 from ``end_step`` on. EAST's code anneals 0.5 to a floor of 0.005 over the whole run
-    (``initial=0.5, floor=0.005``, ALGORITHMS.md §3a, §3e), and keeps the floor from ``end_step`` on.
+    (``initial=0.5, floor=0.005``, docs/algorithms.md §3a, §3e), and keeps the floor from ``end_step`` on.
 
     Args:
         step: Current training step t (>= 0).
@@ -335,7 +335,7 @@ ROUNDINGS = ("floor", "ceil")
 def update_count(nnz: int, drop_fraction: float, rounding: str = "floor") -> int:
     """The number of weights to replace: ``floor(drop_fraction * nnz)`` or ``ceil(drop_fraction * nnz)``.
 
-    RigL and SET round down (ALGORITHMS.md §4a, §4b); EAST's code rounds up (§3a), so every layer swaps at least one
+    RigL and SET round down (docs/algorithms.md §4a, §4b); EAST's code rounds up (§3a), so every layer swaps at least one
     weight at every update while the fraction is above 0. Both are guarded against binary rounding
     (``0.29 * 100`` gives 29 either way).
 
@@ -371,7 +371,7 @@ def set_update(
     generator: torch.Generator | None = None,
     min_active_per_channel: int = 0,
 ) -> MaskUpdate:
-    """One SET prune-and-regrow step for one layer, as re-implemented by DSR (ALGORITHMS.md §4b, §2b).
+    """One SET prune-and-regrow step for one layer, as re-implemented by DSR (docs/algorithms.md §4b, §2b).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates k positions drawn
     uniformly at random among the positions that were inactive before the update (the just-dropped ones are
@@ -416,7 +416,7 @@ def rigl_update(
     growth_rule: str = "global",
     rounding: str = "floor",
 ) -> MaskUpdate:
-    """One RigL prune-and-regrow step for one layer (Evci et al. 2020, ALGORITHMS.md §4a).
+    """One RigL prune-and-regrow step for one layer (Evci et al. 2020, docs/algorithms.md §4a).
 
     Drops k = floor(drop_fraction * nnz) active weights with the smallest |w|, then activates the k positions
     with the largest |grad| among all positions not kept (the just-dropped ones are eligible; a dropped and
@@ -424,7 +424,7 @@ def rigl_update(
     layer's number of active weights is unchanged. The defaults are RigL's rule; the channel-safe options
     (docs/troubleshooting.md) keep ``min_active_per_channel`` weights in every output channel (k is then at most
     the number above the floor) and rank growth by ``growth_rule``; ``rounding="ceil"`` is EAST's code's count
-    (ALGORITHMS.md §3a).
+    (docs/algorithms.md §3a).
 
     Args:
         weight: The layer's weight.

@@ -1,6 +1,6 @@
 """EAST cyclic sparsity: the global density target over a sequence of cycles.
 
-Pure functions implementing ALGORITHMS.md §3e (Li et al. 2024, as in the authors' ES2 code): within each cycle the
+Pure functions implementing docs/algorithms.md §3e (Li et al. 2024, as in the authors' ES2 code): within each cycle the
 density rises from the budget ``d_min`` to ``d_max`` at mid-cycle and falls back, so the network grows for the
 first half and prunes for the second. After the last cycle training continues at the budget density. The step
 unit (optimizer steps or epochs) is the caller's choice, as long as it is used consistently.
@@ -19,7 +19,7 @@ _SHAPES = ("cosine", "triangular")
 def cyclic_density(position: float, d_min: float, d_max: float, shape: str = "cosine") -> float:
     """Density target at ``position`` p within a cycle.
 
-    ALGORITHMS.md §3e: cosine ``d_min + (d_max - d_min) * 0.5 * (1 - cos(2*pi*p))``, triangular
+    docs/algorithms.md §3e: cosine ``d_min + (d_max - d_min) * 0.5 * (1 - cos(2*pi*p))``, triangular
     ``d_min + (d_max - d_min) * (1 - |2p - 1|)``. Both start and end at ``d_min`` and peak at ``d_max`` at p = 0.5.
 
     Args:
@@ -55,7 +55,7 @@ def cyclic_density(position: float, d_min: float, d_max: float, shape: str = "co
 def cycle_lengths(first: int, cycles: int, multiplier: float = 1.0) -> list[int]:
     """Lengths of the cycles: ``first * multiplier**c`` for c = 0 .. cycles - 1, rounded to integers.
 
-    ALGORITHMS.md §3e: ES2's ``cyclic_length`` (50 epochs), ``num_cycles`` (2) and ``cyclic_length_multiplier``
+    docs/algorithms.md §3e: ES2's ``cyclic_length`` (50 epochs), ``num_cycles`` (2) and ``cyclic_length_multiplier``
     (default 1.0; an earlier ES2 version hard-coded 2.0).
 
     Args:
@@ -85,7 +85,7 @@ def cycle_lengths(first: int, cycles: int, multiplier: float = 1.0) -> list[int]
 def cycle_position(step: int, cycle_lengths: Sequence[int]) -> tuple[int, float] | None:
     """Which cycle ``step`` falls in and how far into it.
 
-    Cycles run back to back from step 0 (ALGORITHMS.md §3e).
+    Cycles run back to back from step 0 (docs/algorithms.md §3e).
 
     Args:
         step: Current step (>= 0), in the same unit as ``cycle_lengths``.

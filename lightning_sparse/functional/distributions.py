@@ -2,7 +2,7 @@
 
 Given the shapes of the sparse tensors and a global sparsity ``s``, these functions decide how many
 weights each tensor keeps. ERK follows RigL's exact procedure (Evci et al. 2020, `rigl/sparse_utils.py`;
-ALGORITHMS.md §3b): a layer whose density would exceed 1 becomes dense and epsilon is solved again, until no
+docs/algorithms.md §3b): a layer whose density would exceed 1 becomes dense and epsilon is solved again, until no
 layer overflows. The total number of active weights is ``(1 - s)`` times the total size of the sparse tensors.
 
 No Lightning import: these are pure functions usable without a Trainer.
@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from numbers import Real
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
 
 def _validate_sparsity(sparsity: float, what: str = "sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+    if not isinstance(sparsity, Real) or isinstance(sparsity, bool):
         raise TypeError(f"{what} must be a float in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}"
-        )
+        raise ValueError(f"{what} must be in [0, 1) (fraction of weights set to zero; 0.9 keeps 10%), got {sparsity}")
 
 
 def erdos_renyi_score(shape: Sequence[int], kernel: bool = True) -> float:
-    """Raw Erdős–Rényi score of one tensor: ``sum(dims) / prod(dims)`` (ALGORITHMS.md §3b).
+    """Raw Erdős–Rényi score of one tensor: ``sum(dims) / prod(dims)`` (docs/algorithms.md §3b).
 
     With ``kernel=True`` (ERK) a conv weight ``(c_out, c_in, k_h, k_w)`` scores
     ``(c_out + c_in + k_h + k_w) / (c_out * c_in * k_h * k_w)``. With ``kernel=False`` (plain ER) only the
@@ -68,7 +67,7 @@ def layer_densities(
         power_scale: exponent applied to the raw ER/ERK scores (RigL's ``erk_power_scale``; 1.0 = plain ERK,
             0.0 = uniform).
         fixed_densities: tensor name -> density for tensors whose density is fixed by the user. They take
-            their share of the global budget first and are left out of the epsilon fit (ALGORITHMS.md §3b).
+            their share of the global budget first and are left out of the epsilon fit (docs/algorithms.md §3b).
 
     Returns:
         Tensor name -> density in (0, 1], in the order of ``shapes``.
@@ -86,6 +85,12 @@ def layer_densities(
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     _validate_sparsity(sparsity)
+    if (
+        isinstance(power_scale, bool)
+        or not isinstance(power_scale, Real)
+        or not (math.isfinite(power_scale) and power_scale >= 0)
+    ):
+        raise ValueError(f"power_scale must be a finite number >= 0, got {power_scale!r}")
     if not shapes:
         raise ValueError("no tensors to distribute a sparsity over (shapes is empty)")
     fixed = dict(fixed_densities or {})
@@ -117,7 +122,8 @@ def layer_densities(
     kernel = distribution == "erk"
     scores = {name: erdos_renyi_score(shapes[name], kernel=kernel) ** power_scale for name in free}
     dense: set[str] = set()
-    while True:
+    # Each pass either stops or makes at least one more layer dense, so there are at most len(free) passes.
+    for _ in range(len(free)):
         # epsilon * sum(score_l * N_l) over the still-sparse layers = what the budget leaves for them.
         remaining_budget = budget - sum(sizes[name] for name in dense)
         divisor = sum(scores[name] * sizes[name] for name in free if name not in dense)
@@ -127,7 +133,7 @@ def layer_densities(
         if epsilon * largest <= 1.0:
             break
         # RigL: every layer with the maximal score becomes dense, then epsilon is solved again.
-        dense.update(name for name, score in sparse_scores.items() if score == largest)
+        dense.update(name for name, score in sparse_scores.items() if score >= largest)
         if len(dense) == len(free):
             break
     for name in free:

@@ -1,6 +1,6 @@
 """Dynamic Sparse Reparameterization (Mostafa & Wang, ICML 2019): global-threshold prune, proportional regrowth.
 
-Pure tensor functions (no Lightning) implementing ALGORITHMS.md §2a step by step:
+Pure tensor functions (no Lightning) implementing docs/algorithms.md §2a step by step:
 
 1. :func:`dsr_prune` removes every active weight with |w| < H, H one global threshold;
 2. :func:`allocate_growth` shares the freed count among layers in proportion to their surviving weights R_l;
@@ -8,7 +8,7 @@ Pure tensor functions (no Lightning) implementing ALGORITHMS.md §2a step by ste
 4. :func:`adapt_threshold` halves or doubles H so the next prune count lands near the target Np.
 
 :func:`dsr_reallocate` chains the four. The functions select mask positions only; zeroing inactive weights
-(and, optionally, the momentum of grown positions, ALGORITHMS.md §2d.2) is the caller's job.
+(and, optionally, the momentum of grown positions, docs/algorithms.md §2d.2) is the caller's job.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def dsr_prune(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Prune every active weight whose magnitude is strictly below one global threshold H.
 
-    Mostafa & Wang 2019, ALGORITHMS.md §2a step (1) and §2d.5. A layer is never emptied: if all its active
+    Mostafa & Wang 2019, docs/algorithms.md §2a step (1) and §2d.5. A layer is never emptied: if all its active
     weights fall below H, the one with the largest |w| is kept (lowest flat index on ties). Thresholding
     only, no sort; no host synchronisation. With ``min_active_per_channel = m > 0`` the ``m`` largest-|w|
     weights of every output channel are kept whatever H (a per-channel sort; docs/troubleshooting.md).
@@ -107,14 +107,14 @@ def dsr_prune(
         rescued = torch.zeros_like(mask).reshape(-1)
         rescued[scores.argmax()] = True
         pruned_masks[index] = pruned & ~rescued.reshape(mask.shape)
-    kept_masks = [mask & ~pruned for mask, pruned in zip(masks, pruned_masks)]
+    kept_masks = [mask ^ pruned for mask, pruned in zip(masks, pruned_masks)]  # pruned is a subset of mask
     return kept_masks, pruned_masks
 
 
 def adapt_threshold(threshold: float, num_pruned: int, target: int, tolerance: float = 0.1) -> float:
     """Multiplicatively adapt the global DSR threshold towards the target prune count Np.
 
-    Mostafa & Wang 2019, ALGORITHMS.md §2a step (3): H / 2 if more than (1 + delta) * Np weights were pruned,
+    Mostafa & Wang 2019, docs/algorithms.md §2a step (3): H / 2 if more than (1 + delta) * Np weights were pruned,
     2 * H if fewer than (1 - delta) * Np, unchanged inside the band (both band edges count as inside).
 
     Args:
@@ -183,7 +183,7 @@ def allocate_growth(
 ) -> Tensor:
     """Share ``total`` regrown weights among layers in proportion to their surviving weights, within free slots.
 
-    Mostafa & Wang 2019, ALGORITHMS.md §2a step (2) and §2d.5. Each pass apportions what is left to the layers
+    Mostafa & Wang 2019, docs/algorithms.md §2a step (2) and §2d.5. Each pass apportions what is left to the layers
     that still have free slots, in proportion to survivors R_l, by largest remainder (ties in random order drawn
     from ``generator``; DSR's code instead gives the whole rounding remainder to one random layer). Layers whose
     share exceeds their free slots are filled, and their shortfall goes round again. Every pass either places
@@ -255,7 +255,7 @@ def grow_random(
 ) -> list[Tensor]:
     """Activate exactly ``counts[l]`` uniformly random inactive, non-excluded positions in each layer l.
 
-    DSR's growth step (ALGORITHMS.md §2a step (2)); one :func:`~lightning_sparse.functional.criteria.random_grow`
+    DSR's growth step (docs/algorithms.md §2a step (2)); one :func:`~lightning_sparse.functional.criteria.random_grow`
     per layer, drawing from the same ``generator`` in layer order.
 
     Args:
@@ -330,7 +330,7 @@ def dsr_reallocate(
 ) -> DSRResult:
     """One complete DSR reallocation: prune, allocate, regrow at random, adapt the threshold.
 
-    Mostafa & Wang 2019, ALGORITHMS.md §2a (REALLOCATE) with the ordering of §2d.6. The total number of active
+    Mostafa & Wang 2019, docs/algorithms.md §2a (REALLOCATE) with the ordering of §2d.6. The total number of active
     weights is unchanged; per-layer counts drift towards layers with many survivors.
 
     Args:
@@ -363,7 +363,7 @@ def dsr_reallocate(
     num_pruned = int(pruned_counts.sum())
     counts = allocate_growth(num_pruned, survivors, free_slots, generator)
     new_masks = grow_random(kept, pruned, counts, generator, free_slots=free_slots)
-    grown = [new & ~old for new, old in zip(new_masks, kept)]
+    grown = [new ^ old for new, old in zip(new_masks, kept)]  # kept is a subset of new: one pass, not two
     num_grown = int(counts.sum())
     # grow_random activates exactly counts[l] new positions per layer, so the total is unchanged by construction.
     assert num_grown == num_pruned, f"DSR regrew {num_grown} weights for {num_pruned} pruned."

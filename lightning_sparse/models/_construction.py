@@ -13,7 +13,7 @@ def resolve_activation(activation: type[nn.Module] | None) -> ActivationFactory:
     """Check a user-given activation class and return a zero-argument factory for it.
 
     Models call the factory once per activation site, so every site owns its own module and a
-    callback can swap sites one by one (ARCHITECTURE.md §3, DyReLU swap).
+    callback can swap sites one by one (docs/architecture.md §3, DyReLU swap).
 
     Args:
         activation: an ``nn.Module`` subclass constructible without arguments (e.g. ``nn.SiLU``),
@@ -55,7 +55,7 @@ def check_positive_int(**sizes: int) -> None:
 def he_init_(model: nn.Module) -> None:
     """He-normal (fan_out) init for every conv, std sqrt(2 / (k^2 * c_out)); BN weight 1, bias 0.
 
-    This is the init of the DSR experiments (ALGORITHMS.md §2b, "init") and of torchvision's ResNet.
+    This is the init of the DSR experiments (docs/algorithms.md §2b, "init") and of torchvision's ResNet.
     Linear layers keep PyTorch's default init.
     """
     for module in model.modules():

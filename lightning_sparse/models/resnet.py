@@ -1,9 +1,9 @@
 """CIFAR-style ResNet-18/34/50 (He et al. 2016) with torchvision's attribute names.
 
 The CIFAR variant replaces ImageNet's 7x7 stride-2 stem and max-pool with a single 3x3 stride-1 conv, as in
-the EAST authors' code (ALGORITHMS.md §3f, "architecture (CIFAR)"), so a 32x32 input reaches ``layer4`` at 4x4.
+the EAST authors' code (docs/algorithms.md §3f, "architecture (CIFAR)"), so a 32x32 input reaches ``layer4`` at 4x4.
 
-Structural contract relied on by weight sharing and activation swapping (ARCHITECTURE.md §2-§3):
+Structural contract relied on by weight sharing and activation swapping (docs/architecture.md §2-§3):
 
 * the model has ``conv1, bn1, act1, layer1..layer4, avgpool, fc`` (torchvision's names, with the stem
   activation as its own module ``act1``);
@@ -115,7 +115,7 @@ class CifarResNet(nn.Module):
     Stage widths are ``width`` x (1, 2, 4, 8), i.e. 64/128/256/512 by default (times the block expansion);
     stages 2-4 halve the resolution. A smaller ``width`` gives the same topology at a fraction of the cost
     (``width=16`` has about 1/16 of the parameters), handy for CPU experiments.
-    Init: He-normal (fan_out) for every conv, i.e. std sqrt(2 / (k^2 * c_out)) (ALGORITHMS.md §2b "init"),
+    Init: He-normal (fan_out) for every conv, i.e. std sqrt(2 / (k^2 * c_out)) (docs/algorithms.md §2b "init"),
     BatchNorm weight 1 and bias 0; the classifier keeps PyTorch's default ``nn.Linear`` init.
 
     Args:
@@ -124,7 +124,7 @@ class CifarResNet(nn.Module):
         num_classes: classifier outputs.
         in_channels: image channels.
         activation: activation class built once per site (default ``nn.ReLU``).
-        fc_bias: whether the classifier has a bias (the EAST code uses none, ALGORITHMS.md §3f).
+        fc_bias: whether the classifier has a bias (the EAST code uses none, docs/algorithms.md §3f).
         width: channels of the stem and the first stage.
 
     Raises:
@@ -224,7 +224,7 @@ cifar_resnet34 = _preset(
     BasicBlock,
     (3, 4, 6, 3),
     "CIFAR-style ResNet-34: BasicBlocks ``(3, 4, 6, 3)``; 21,282,122 parameters at 10 classes.\n\n"
-    "    This is the EAST paper's CIFAR ResNet-34 (ALGORITHMS.md §3d) when ``fc_bias=False``.",
+    "    This is the EAST paper's CIFAR ResNet-34 (docs/algorithms.md §3d) when ``fc_bias=False``.",
 )
 cifar_resnet50 = _preset(
     "cifar_resnet50",

@@ -5,7 +5,7 @@ Pre-activation blocks (BN -> activation -> conv, He et al. 2016 "Identity Mappin
 the shape, a final BN + activation before global average pooling, and a linear classifier.
 
 WRN-28-2 with 10 classes has exactly 1,467,610 parameters, the count of the DSR authors' model
-(ALGORITHMS.md §2b): stem conv 432 + 24 block 3x3 convs 1,451,520 + three 1x1 shortcut convs 10,752
+(docs/algorithms.md §2b): stem conv 432 + 24 block 3x3 convs 1,451,520 + three 1x1 shortcut convs 10,752
 + BN 3,616 + FC (with bias) 1,290.
 
 Attribute names: the model has ``conv1`` (stem), ``layer1..layer3`` (``nn.Sequential`` of blocks),
@@ -67,7 +67,7 @@ class WideResNet(nn.Module):
     """WRN-depth-width for CIFAR: stem 3x3 conv to 16 channels, three wide stages, BN + activation, pool, FC.
 
     Stage widths are ``16 * width, 32 * width, 64 * width``; stages 2 and 3 halve the resolution.
-    Init: He-normal (fan_out) convs, BN weight 1 / bias 0 (ALGORITHMS.md §2b, "init").
+    Init: He-normal (fan_out) convs, BN weight 1 / bias 0 (docs/algorithms.md §2b, "init").
 
     Args:
         depth: total depth ``6 n + 4`` with ``n`` blocks per stage (28 gives 4 blocks per stage).
@@ -143,7 +143,7 @@ def wide_resnet28(
     activation: type[nn.Module] | None = None,
     fc_bias: bool = True,
 ) -> WideResNet:
-    """WRN-28-k; ``width=2`` is the DSR paper's CIFAR-10 model (1,467,610 parameters, ALGORITHMS.md §2b).
+    """WRN-28-k; ``width=2`` is the DSR paper's CIFAR-10 model (1,467,610 parameters, docs/algorithms.md §2b).
 
     Args:
         width: widening factor ``k``.

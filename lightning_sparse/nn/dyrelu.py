@@ -1,27 +1,28 @@
 """Channel-wise dynamic ReLU (DyReLU-B) with a blend factor toward plain ReLU.
 
 Implements Chen et al. 2020, "Dynamic ReLU", variant B (coefficients shared over space, one set per channel), as
-used by EAST (Li et al. 2024) and specified in ALGORITHMS.md §3c. The blend factor ``beta`` implements EAST's
-phase-out (ALGORITHMS.md §3c "Phasing", §3h item 1: paper semantics, DyReLU from the start, blended to ReLU).
+used by EAST (Li et al. 2024) and specified in docs/algorithms.md §3c. The blend factor ``beta`` implements EAST's
+phase-out (docs/algorithms.md §3c "Phasing", §3h item 1: paper semantics, DyReLU from the start, blended to ReLU).
 """
 
 from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DyReLU", "validate_blend"]
+__all__ = ["DyReLU", "two_piece_max", "validate_blend"]
 
 
 def validate_blend(beta: float) -> float:
     """Check a DyReLU blend factor and return it as a Python float.
 
     Args:
-        beta: Blend factor; 1 = pure DyReLU, 0 = exactly ReLU (ALGORITHMS.md §3c).
+        beta: Blend factor; 1 = pure DyReLU, 0 = exactly ReLU (docs/algorithms.md §3c).
 
     Returns:
         ``beta`` as a ``float``.
@@ -38,10 +39,92 @@ def validate_blend(beta: float) -> float:
     return value
 
 
+def _spatial_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the dims after (N, C), keeping them as size 1; a 2-D tensor is returned as it is."""
+    if tensor.dim() == 2:
+        return tensor
+    return tensor.sum(dim=tuple(range(2, tensor.dim())), keepdim=True)
+
+
+class _TwoPieceMax(torch.autograd.Function):
+    """``max(a1 x + b1, a2 x + b2)`` that saves only ``x`` and the coefficients for backward.
+
+    The stacked formula ``(x[..., None] * slopes + offsets).amax(-1)`` keeps a K-times-larger pre-activation tensor
+    and the output alive until backward (issue 10 point 7: the EAST stack ran at 1.79x a dense step and 1.92x its
+    peak memory). Here the two pieces are recomputed in backward from ``x`` with the same floating-point
+    operations, so the forward value is bitwise that of the stacked formula, and the gradient is amax's: all of it
+    to the larger piece, split evenly on a tie.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, a1, a2, b1, b2)
+        first = x * a1
+        first.add_(b1)
+        second = x * a2
+        second.add_(b2)
+        return torch.maximum(first, second, out=first)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a1, a2, b1, b2 = ctx.saved_tensors
+        first = x * a1
+        first.add_(b1)
+        second = x * a2
+        second.add_(b2)
+        # Share of the gradient that goes to the first piece: 1 where it is larger, 0.5 on a tie, else 0.
+        share = torch.sign(first.sub_(second), out=second).add_(1.0).mul_(0.5)
+        del first
+        grad_first = share.mul_(grad)
+        grad_second = grad - grad_first
+        grad_x = grad_a1 = grad_a2 = grad_b1 = grad_b2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_first * a1
+            grad_x.add_(grad_second * a2)
+            grad_x = grad_x.to(x.dtype)
+        if any(ctx.needs_input_grad[1:]):
+            grad_a1 = _spatial_sum(grad_first * x).to(a1.dtype)
+            grad_a2 = _spatial_sum(grad_second * x).to(a2.dtype)
+            grad_b1 = _spatial_sum(grad_first).to(b1.dtype)
+            grad_b2 = _spatial_sum(grad_second).to(b2.dtype)
+        return grad_x, grad_a1, grad_a2, grad_b1, grad_b2
+
+
+def two_piece_max(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``y = max(a^1 x + b^1, a^2 x + b^2)`` per sample and channel: DyReLU's output for K = 2 (docs/algorithms.md §3c).
+
+    Computes the same values as ``(x[..., None] * slopes + offsets).amax(-1)`` and the same gradients (amax's, an
+    even split on a tie), but keeps only ``x`` and the coefficients for backward instead of the two pieces and
+    the output, and never builds a stacked ``(*x.shape, 2)`` tensor.
+
+    Args:
+        x: Input of shape ``(N, C, *spatial)``.
+        coefficients: ``[a^1, a^2, b^1, b^2]`` per sample and channel, of shape ``(N, C, 1, ..., 1, 4)`` (one 1 per
+            spatial dim of ``x``) or ``(N, C, 4)``.
+
+    Returns:
+        Tensor of ``x``'s shape (dtype promoted with the coefficients').
+
+    Example:
+        >>> x = torch.tensor([[-1.0, 2.0]])
+        >>> two_piece_max(x, torch.tensor([[[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]]))  # ReLU's coefficients
+        tensor([[0., 2.]])
+    """
+    if coefficients.shape[-1] != 4:
+        raise ValueError(
+            f"two_piece_max needs 4 coefficients (a1, a2, b1, b2) per channel, got shape {tuple(coefficients.shape)}."
+        )
+    coefficients = coefficients.reshape(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)), 4)
+    a1, a2, b1, b2 = coefficients.unbind(-1)
+    return _TwoPieceMax.apply(x, a1, a2, b1, b2)
+
+
 class DyReLU(nn.Module):
     """Dynamic ReLU, variant B: per-channel piecewise-linear activation predicted from the input.
 
-    For an input ``x`` of shape ``(N, C, *spatial)`` (Chen et al. 2020 DyReLU-B; ALGORITHMS.md §3c):
+    For an input ``x`` of shape ``(N, C, *spatial)`` (Chen et al. 2020 DyReLU-B; docs/algorithms.md §3c):
 
     1. ``z = mean(x, spatial dims)`` (shape ``(N, C)``; for a 2-D input ``z = x``);
     2. ``theta = 2 * sigmoid(fc2(relu(fc1(z)))) - 1`` with ``fc1: C -> max(1, C // reduction)`` and
@@ -51,10 +134,10 @@ class DyReLU(nn.Module):
     5. ``y = max_k (a^k * x + b^k)``.
 
     With ``beta == 0`` the module returns ``torch.relu(x)`` and does not run its hyper-network, so a phased-out
-    model has no dense per-input offset computations at inference (ALGORITHMS.md §3c "Inference").
+    model has no dense per-input offset computations at inference (docs/algorithms.md §3c "Inference").
 
     The hyper-network layers ``fc1``/``fc2`` are ordinary dense ``nn.Linear`` layers; sparsity tooling should exclude
-    every parameter under a DyReLU module (EAST never masks them, ALGORITHMS.md §3c).
+    every parameter under a DyReLU module (EAST never masks them, docs/algorithms.md §3c).
 
     Args:
         channels: Number of input channels C (size of dim 1 of the input).
@@ -75,8 +158,7 @@ class DyReLU(nn.Module):
     """
 
     sparsity_exempt = True
-    """Its hyper-network is trained densely and never masked (ALGORITHMS.md §3c); MaskInit skips it by default."""
-
+    """Its hyper-network is trained densely and never masked (docs/algorithms.md §3c); MaskInit skips it by default."""
 
     def __init__(
         self,
@@ -92,9 +174,7 @@ class DyReLU(nn.Module):
         if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"DyReLU reduction must be a positive int, got {reduction!r}.")
         if isinstance(num_pieces, bool) or not isinstance(num_pieces, int) or num_pieces < 2:
-            raise ValueError(
-                f"DyReLU num_pieces must be an int >= 2 (ReLU needs two pieces), got {num_pieces!r}."
-            )
+            raise ValueError(f"DyReLU num_pieces must be an int >= 2 (ReLU needs two pieces), got {num_pieces!r}.")
         if len(lambdas) != 2:
             raise ValueError(f"DyReLU lambdas must be (lambda_a, lambda_b), got {lambdas!r}.")
         relu_coefficients = [1.0] + [0.0] * (2 * num_pieces - 1)
@@ -139,7 +219,7 @@ class DyReLU(nn.Module):
             x: Input of shape ``(N, C, *spatial)``.
 
         Returns:
-            Tensor of shape ``(N, C, 2K)`` (ALGORITHMS.md §3c steps 1-5).
+            Tensor of shape ``(N, C, 2K)`` (docs/algorithms.md §3c steps 1-5).
         """
         self._check_input(x)
         pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
@@ -159,15 +239,15 @@ class DyReLU(nn.Module):
         coefficients = self.coefficients(x)
         # (N, C, 2K) -> (N, C, 1, ..., 1, 2K) so they broadcast against x[..., None] of shape (N, C, *spatial, 1).
         coefficients = coefficients.view(x.shape[0], self.channels, *([1] * (x.dim() - 2)), 2 * self.num_pieces)
+        if self.num_pieces == 2:
+            return two_piece_max(x, coefficients)
         slopes = coefficients[..., : self.num_pieces]
         offsets = coefficients[..., self.num_pieces :]
         return (x.unsqueeze(-1) * slopes + offsets).amax(dim=-1)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(
-                f"DyReLU expects an input of shape (N, C, *spatial), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"DyReLU expects an input of shape (N, C, *spatial), got shape {tuple(x.shape)}.")
         if x.shape[1] != self.channels:
             where = f" at '{self.site_name}'" if self.site_name else ""
             raise ValueError(

@@ -1,6 +1,6 @@
 """Model surgery between ``nn.ReLU`` and :class:`DyReLU`, and control of the DyReLU blend factor.
 
-EAST (ALGORITHMS.md §3c) trains with DyReLU-B at every activation site and phases it out to ReLU. These functions
+EAST (docs/algorithms.md §3c) trains with DyReLU-B at every activation site and phases it out to ReLU. These functions
 swap the activation modules of an existing model in place (in the style of timm's ``convert_splitbn_model``), set
 the blend factor on every DyReLU, and convert the phased-out model back to plain ReLU for export.
 """
@@ -16,7 +16,7 @@ from lightning_sparse.nn.dyrelu import DyReLU, validate_blend
 
 __all__ = ["convert_relu_to_dyrelu", "convert_dyrelu_to_relu", "dyrelu_modules", "set_dyrelu_blend"]
 
-# Attributes that give the channel count of a layer's output, in the order they are tried (ALGORITHMS.md §3c).
+# Attributes that give the channel count of a layer's output, in the order they are tried (docs/algorithms.md §3c).
 _WIDTH_ATTRIBUTES = ("num_features", "out_channels", "out_features")
 
 
@@ -34,7 +34,7 @@ def dyrelu_modules(module: nn.Module) -> dict[str, DyReLU]:
 
 
 def set_dyrelu_blend(module: nn.Module, beta: float) -> int:
-    """Set the blend factor of every DyReLU in a model (EAST phase-out, ALGORITHMS.md §3c "Phasing").
+    """Set the blend factor of every DyReLU in a model (EAST phase-out, docs/algorithms.md §3c "Phasing").
 
     Args:
         module: Model containing DyReLU modules.
@@ -60,7 +60,7 @@ def convert_relu_to_dyrelu(
     channels: dict[str, int] | None = None,
     **dyrelu_kwargs: Any,
 ) -> nn.Module:
-    """Replace every ``nn.ReLU`` submodule with a :class:`DyReLU` of the right width (ALGORITHMS.md §3c).
+    """Replace every ``nn.ReLU`` submodule with a :class:`DyReLU` of the right width (docs/algorithms.md §3c).
 
     The channel count C of each ReLU is taken, in this order of preference:
 
@@ -130,7 +130,7 @@ def convert_relu_to_dyrelu(
 
 
 def convert_dyrelu_to_relu(module: nn.Module) -> nn.Module:
-    """Replace every fully phased-out DyReLU (``beta == 0``) with ``nn.ReLU``, for export (ALGORITHMS.md §3c).
+    """Replace every fully phased-out DyReLU (``beta == 0``) with ``nn.ReLU``, for export (docs/algorithms.md §3c).
 
     A DyReLU with ``beta == 0`` computes exactly ``torch.relu``, so the model's outputs do not change.
 
@@ -166,9 +166,7 @@ def _check_explicit_channels(channels: dict[str, int], relu_names: list[str]) ->
             raise ValueError(f"channels[{name!r}] must be a positive int, got {width!r}.")
 
 
-def _observe_widths(
-    module: nn.Module, example_input: torch.Tensor, relus: dict[str, nn.Module]
-) -> dict[str, int]:
+def _observe_widths(module: nn.Module, example_input: torch.Tensor, relus: dict[str, nn.Module]) -> dict[str, int]:
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(
             f"example_input must be a torch.Tensor batch accepted by the model, got {type(example_input).__name__}."

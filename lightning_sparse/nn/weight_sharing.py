@@ -1,4 +1,4 @@
-"""Intra-stage weight sharing for residual networks, and parameter-use bookkeeping (EAST, ALGORITHMS.md §3d).
+"""Intra-stage weight sharing for residual networks, and parameter-use bookkeeping (EAST, docs/algorithms.md §3d).
 
 EAST (Li et al. 2024, Fig. 4) lets the later blocks of a residual stage reuse the conv weights of one earlier block
 of the same stage, each reuse multiplied by its own learnable scalar. The reused tensor *is* the source block's
@@ -32,7 +32,7 @@ class SharedConv2d(nn.Module):
     """A 2-D convolution that reuses another ``nn.Conv2d``'s weight, scaled by its own learnable scalar.
 
     ``forward(x) = scale * conv2d(x, source.weight, source.bias)`` with the source's stride, padding, dilation,
-    groups and padding mode (ALGORITHMS.md §3d). ``self.weight`` (and ``self.bias``) are the source's ``Parameter``
+    groups and padding mode (docs/algorithms.md §3d). ``self.weight`` (and ``self.bias``) are the source's ``Parameter``
     objects, registered here too, so ``named_parameters(remove_duplicate=False)`` lists each use while
     ``named_parameters()`` lists the tensor once, under the source's name. A mask applied in place to the source
     weight therefore applies to every user, and gradients from every user accumulate into it.
@@ -43,7 +43,7 @@ class SharedConv2d(nn.Module):
     Args:
         source: The convolution whose weight is reused.
         scale_init: Initial value of ``scale``. ``None`` (default) draws it from U(0, 1) with the global torch RNG,
-            as the EAST authors' code does (ALGORITHMS.md §3d); pass e.g. ``1.0`` for a start that reproduces the
+            as the EAST authors' code does (docs/algorithms.md §3d); pass e.g. ``1.0`` for a start that reproduces the
             source conv exactly.
         source_name: Qualified name of ``source`` in the model, shown in the repr.
 
@@ -109,7 +109,7 @@ class WeightSharingReport:
         conv_weights_before: Elements of all distinct ``nn.Conv2d`` weight tensors before sharing.
         conv_weights_after: Elements of all distinct conv weight tensors after sharing (the real prunable conv
             weights).
-        virtual_weights: Sum over every reuse of the source tensor's numel (ALGORITHMS.md §3d "P_virtual");
+        virtual_weights: Sum over every reuse of the source tensor's numel (docs/algorithms.md §3d "P_virtual");
             ``conv_weights_before == conv_weights_after + virtual_weights``.
     """
 
@@ -122,7 +122,7 @@ class WeightSharingReport:
 
 
 def share_stage_weights(model: nn.Module, source_block: int = 1, min_blocks: int = 3) -> WeightSharingReport:
-    """Make later blocks of each residual stage reuse one block's conv weights, in place (ALGORITHMS.md §3d).
+    """Make later blocks of each residual stage reuse one block's conv weights, in place (docs/algorithms.md §3d).
 
     A *stage* is an ``nn.Sequential`` whose children are all residual blocks of one class, a block being a module
     (not a container) with ``nn.Conv2d`` submodules; this covers torchvision's ``BasicBlock``/``Bottleneck`` and the
@@ -222,7 +222,7 @@ def share_stage_weights(model: nn.Module, source_block: int = 1, min_blocks: int
 
 
 def parameter_uses(module: nn.Module) -> dict[str, int]:
-    """Count how many times each parameter is registered in the module tree (ALGORITHMS.md §3d).
+    """Count how many times each parameter is registered in the module tree (docs/algorithms.md §3d).
 
     A weight shared by :func:`share_stage_weights` counts 1 for its source conv plus 1 per :class:`SharedConv2d`.
 
@@ -237,7 +237,7 @@ def parameter_uses(module: nn.Module) -> dict[str, int]:
 
 
 def effective_density_multiplier(module: nn.Module, param_names: list[str]) -> float:
-    """EAST's density correction for shared weights: ``(P_real + P_virtual) / P_real`` (ALGORITHMS.md §3d).
+    """EAST's density correction for shared weights: ``(P_real + P_virtual) / P_real`` (docs/algorithms.md §3d).
 
     ``P_real`` is the number of elements of the named tensors and ``P_virtual`` the extra elements their reuses
     add (numel times registrations beyond the first). Applying density ``d * multiplier`` to the real tensors keeps
@@ -275,9 +275,7 @@ def effective_density_multiplier(module: nn.Module, param_names: list[str]) -> f
             f"'{name}' is an alias of '{canonical[id(aliases[name])]}'" if name in aliases else f"'{name}' not found"
             for name in unknown
         ]
-        raise ValueError(
-            f"param_names must be canonical names from named_parameters(): {'; '.join(hints)}."
-        )
+        raise ValueError(f"param_names must be canonical names from named_parameters(): {'; '.join(hints)}.")
     real = sum(parameters[name].numel() for name in param_names)
     if real == 0:
         raise ValueError(f"The parameters {param_names} have no elements.")
@@ -351,7 +349,5 @@ def _reason_not_to_share(block: nn.Module, source_convs: dict[str, nn.Conv2d]) -
 
 
 def _conv_weight_count(model: nn.Module) -> int:
-    weights = {
-        id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, SharedConv2d))
-    }
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, SharedConv2d))}
     return sum(weights.values())

@@ -189,7 +189,7 @@ def test_unused_channel_arguments_are_rejected():
 
 
 def test_east_schedule_after_the_cycles_anneals_to_the_floor_and_rounds_up(tmp_path):
-    """EAST's post-cycle DST (ALGORITHMS.md §3a, §3e): 0.5 cosine to 0.005 over the whole run, ceil counts."""
+    """EAST's post-cycle DST (docs/algorithms.md §3a, §3e): 0.5 cosine to 0.005 over the whole run, ceil counts."""
     L.seed_everything(0)
     mask_init = MaskInit(sparsity=SPARSITY, seed=0, log_layer_densities=False, layer_report=False)
     realloc = DynamicReallocation(

@@ -236,7 +236,8 @@ def test_state_dict_holds_threshold_counters_generator_and_ever_active(tmp_path)
     state = realloc.state_dict()
     assert state["threshold"] == realloc.threshold and state["num_updates"] == 3
     assert isinstance(state["generator_state"], torch.Tensor)
-    assert set(state["ever_active"]) == set(mask_init.masks)
+    assert "ever_active" not in state  # the masks keep it, so every mask change counts (MaskInit's state)
+    assert set(mask_init.state_dict()["ever_active"]) == set(mask_init.masks)
     fresh = DynamicReallocation("dsr", seed=5)
     fresh.load_state_dict(state)
     assert fresh.threshold == realloc.threshold
@@ -329,7 +330,7 @@ def test_reallocation_curves_reach_tensorboard(tmp_path):
 
 
 def test_dsr_threshold_follows_the_prune_count(tmp_path):
-    # A count target far above what H0 prunes doubles H at every update (Mostafa & Wang 2019, ALGORITHMS.md §2a).
+    # A count target far above what H0 prunes doubles H at every update (Mostafa & Wang 2019, docs/algorithms.md §2a).
     _, _, _, realloc, _ = _fit(tmp_path, "dsr", every_n_steps=2, stop_at=1.0, prune_target=10_000)
     assert realloc.threshold == pytest.approx(0.05 * 2**3)
     assert adapt_threshold(0.05, realloc.last_pruned, 10_000) == 0.1
@@ -338,11 +339,11 @@ def test_dsr_threshold_follows_the_prune_count(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(method="magnitude"), ValueError, "unknown method 'magnitude'"),
+        (dict(method="magnitude"), ValueError, "method must be one of 'dsr', 'set', 'rigl', got 'magnitude'"),
         (dict(every_n_steps=0), ValueError, "every_n_steps must be >= 1"),
         (dict(every_n_steps=2.5), TypeError, "every_n_steps must be an int or a PeriodSchedule"),
-        (dict(stop_at=0.0), ValueError, r"stop_at .* must be in \(0, 1\]"),
-        (dict(stop_at=1.5), ValueError, r"stop_at .* must be in \(0, 1\]"),
+        (dict(stop_at=0.0), ValueError, r"stop_at must be in \(0, 1\]"),
+        (dict(stop_at=1.5), ValueError, r"stop_at must be in \(0, 1\]"),
         (dict(prune_target=0), ValueError, r"in \(0, 1\) or a whole count >= 1"),
         (dict(prune_target=2.5), ValueError, r"in \(0, 1\) or a whole count >= 1"),
         (dict(initial_threshold=0.0), ValueError, "H0"),

@@ -185,7 +185,7 @@ def test_resume_with_masks_that_do_not_fit_fails_before_training(tmp_path):
         (dict(sparsity=1.0), r"in \[0, 1\)"),
         (dict(sparsity=-0.5), r"in \[0, 1\)"),
         (dict(), "needs sparsity="),
-        (dict(sparsity=0.5, distribution="normal"), "unknown distribution 'normal'"),
+        (dict(sparsity=0.5, distribution="normal"), "distribution must be one of 'uniform', 'er', 'erk', got 'normal'"),
         (dict(sparsity=0.5, from_zeros=True), "remove sparsity="),
         (dict(sparsity=0.5, power_scale=-1.0), "power_scale"),
         (dict(sparsity=0.5, layer_sparsity={"fc": 1.5}), r"layer_sparsity\['fc'\]"),

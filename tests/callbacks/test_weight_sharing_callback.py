@@ -84,7 +84,7 @@ def test_cifar_resnet34_shares_the_paper_counts(tmp_path) -> None:
     model = Classifier(cifar_resnet34(num_classes=10, fc_bias=False), optimizer="sgd")
     sharing.setup(None, model, "fit")  # type: ignore[arg-type]
     report = sharing.report
-    # ALGORITHMS.md §3d: 8 sharing blocks; 11,164,352 real and 10,100,736 reused conv weights (+5,120 in the fc).
+    # docs/algorithms.md §3d: 8 sharing blocks; 11,164,352 real and 10,100,736 reused conv weights (+5,120 in the fc).
     assert len(report.shared_blocks) == 8
     assert report.conv_weights_after + 5120 == 11_164_352
     assert report.virtual_weights == 10_100_736

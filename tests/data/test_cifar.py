@@ -78,7 +78,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 def test_dataset_constants():
     assert (CIFAR10DataModule.num_classes, CIFAR100DataModule.num_classes) == (10, 100)
-    # ALGORITHMS.md §3f (the DSR/EAST CIFAR-10 normalisation).
+    # docs/algorithms.md §3f (the DSR/EAST CIFAR-10 normalisation).
     assert CIFAR10DataModule.mean == (0.4914, 0.4822, 0.4465)
     assert CIFAR10DataModule.std == (0.2023, 0.1994, 0.2010)
 

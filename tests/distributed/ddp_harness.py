@@ -55,9 +55,7 @@ def read_rank_summaries(directory: str | Path, world_size: int) -> list[dict[str
     return [json.loads((Path(directory) / f"rank{rank}.summary.json").read_text()) for rank in range(world_size)]
 
 
-def fit_ddp_spawn(
-    tmp_path: Path, callbacks: list[L.Callback], world_size: int = 2, **trainer_overrides: Any
-) -> Path:
+def fit_ddp_spawn(tmp_path: Path, callbacks: list[L.Callback], world_size: int = 2, **trainer_overrides: Any) -> Path:
     """Fit the test Classifier on CPU with ``ddp_spawn`` (gloo) and a :class:`MaskFingerprints` recorder.
 
     Returns:

@@ -193,7 +193,7 @@ def test_cosine_drop_fraction_with_east_floor_by_hand() -> None:
     assert cosine_drop_fraction(500, 1000, 0.5, floor=0.005) == pytest.approx(0.2525)
     assert cosine_drop_fraction(1000, 1000, 0.5, floor=0.005) == 0.005
     assert cosine_drop_fraction(1200, 1000, 0.5, floor=0.005) == 0.005  # the floor holds after T
-    # ALGORITHMS.md §3e's values for E = 250 epochs: about 0.33 at epoch 100 and 0.079 at 187.
+    # docs/algorithms.md §3e's values for E = 250 epochs: about 0.33 at epoch 100 and 0.079 at 187.
     assert cosine_drop_fraction(100, 250, 0.5, floor=0.005) == pytest.approx(0.3290, abs=1e-4)
     assert cosine_drop_fraction(187, 250, 0.5, floor=0.005) == pytest.approx(0.0786, abs=1e-4)
     assert cosine_drop_fraction(1000, 1000, 0.3) == 0.0  # RigL's schedule is unchanged

@@ -1,4 +1,4 @@
-"""Tests for lightning_sparse.functional.cyclic (EAST cyclic sparsity, ALGORITHMS.md §3e)."""
+"""Tests for lightning_sparse.functional.cyclic (EAST cyclic sparsity, docs/algorithms.md §3e)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for lightning_sparse.functional.dsr (DSR, ALGORITHMS.md §2a)."""
+"""Tests for lightning_sparse.functional.dsr (DSR, docs/algorithms.md §2a)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def test_wrn28_2_has_the_dsr_parameter_count():
-    # DSR's WRN-28-2 on CIFAR-10 has 1,467,610 parameters (ALGORITHMS.md §2b). Ours matches exactly:
+    # DSR's WRN-28-2 on CIFAR-10 has 1,467,610 parameters (docs/algorithms.md §2b). Ours matches exactly:
     #   stem 3x3 conv 3 -> 16:                                   3*16*9                   =       432
     #   24 block 3x3 convs (widths 32/64/128, 4 blocks x 2 convs per stage):
     #     stage 1: 16*32*9 + 7 * 32*32*9    =    4,608 +    64,512                       =    69,120

@@ -1,4 +1,4 @@
-"""Tests for DyReLU-B and its blend factor (ALGORITHMS.md §3c)."""
+"""Tests for DyReLU-B and its blend factor (docs/algorithms.md §3c)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,85 @@ def test_custom_init_coefficients_used_when_theta_is_zero() -> None:
     _zero_hyper_network(act)
     x = torch.tensor([[-2.0, 3.0]]).view(2, 1)
     torch.testing.assert_close(act(x), torch.tensor([[-0.2], [3.0]]))
+
+
+# ------------------------------------------------------------------ the K = 2 kernel against the stacked formula
+def _stacked_formula(act: DyReLU, x: torch.Tensor) -> torch.Tensor:
+    """DyReLU's output as it was computed before issue 10 point 7: stack the K pieces, take amax."""
+    coefficients = act.coefficients(x)
+    coefficients = coefficients.view(x.shape[0], act.channels, *([1] * (x.dim() - 2)), 2 * act.num_pieces)
+    pieces = x.unsqueeze(-1) * coefficients[..., : act.num_pieces] + coefficients[..., act.num_pieces :]
+    return pieces.amax(dim=-1)
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 5, 5), (4, 8), (3, 8, 7), (2, 8, 3, 4, 4)])
+@pytest.mark.parametrize("beta", [1.0, 0.4])
+def test_two_piece_module_matches_stacked_formula_forward_and_backward(shape: tuple[int, ...], beta: float) -> None:
+    torch.manual_seed(11)
+    act = DyReLU(8, reduction=2, lambdas=(0.9, 0.6)).double()
+    act.beta = beta
+    with torch.no_grad():  # larger hyper-network weights, so that both pieces win somewhere
+        act.fc2.weight.mul_(8.0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    grad_out = torch.randn(*shape, dtype=torch.float64)
+
+    results = []
+    for forward in (act, lambda inp: _stacked_formula(act, inp)):
+        act.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = forward(inp)
+        out.backward(grad_out)
+        results.append((out.detach(), inp.grad, [p.grad.clone() for p in act.parameters()]))
+    (new_out, new_gx, new_gp), (old_out, old_gx, old_gp) = results
+    assert torch.equal(new_out, old_out)  # same floating-point operations: bitwise
+    # The input's gradient also flows through the pooled mean into the coefficients: equal up to summation order.
+    torch.testing.assert_close(new_gx, old_gx, rtol=1e-12, atol=1e-12)
+    for new, old in zip(new_gp, old_gp):
+        torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+    # Both pieces were active somewhere, so the comparison exercised both branches.
+    coefficients = act.coefficients(x).view(x.shape[0], 8, *([1] * (x.dim() - 2)), 4)
+    first_wins = x.unsqueeze(-1)[..., 0] * coefficients[..., 0] + coefficients[..., 2] > (
+        x * coefficients[..., 1] + coefficients[..., 3]
+    )
+    assert first_wins.any() and (~first_wins).any()
+
+
+def test_two_piece_max_splits_the_gradient_evenly_on_a_tie_like_amax() -> None:
+    from lightning_sparse.nn.dyrelu import two_piece_max
+
+    x = torch.tensor([[0.0, 0.0, 2.0]], dtype=torch.float64).view(1, 1, 3)  # ties at x = 0 when b1 == b2
+    coefficients = torch.tensor([[[1.5, -0.5, 0.25, 0.25]]], dtype=torch.float64)
+    grads = []
+    for fn in (
+        lambda a, c: two_piece_max(a, c),
+        lambda a, c: (a.unsqueeze(-1) * c[:, :, None, :2] + c[:, :, None, 2:]).amax(-1),
+    ):
+        a, c = x.clone().requires_grad_(), coefficients.clone().requires_grad_()
+        fn(a, c).sum().backward()
+        grads.append((a.grad, c.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][0][0, 0, 0].item() == pytest.approx(0.5)  # (1.5 + (-0.5)) / 2
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert torch.autograd.gradcheck(
+        two_piece_max,
+        (
+            torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+        ),
+    )
+
+
+def test_two_piece_max_keeps_only_input_and_coefficients_for_backward() -> None:
+    act = DyReLU(8)
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        act(x)
+    # Full-size saved tensors: only x itself (the stacked formula also kept the 2x-larger pieces and the output).
+    full_size = [t for t in saved if t.numel() >= x.numel()]
+    assert len(full_size) == 1 and full_size[0].data_ptr() == x.data_ptr()

@@ -1,4 +1,4 @@
-"""Tests for ReLU <-> DyReLU model surgery and blend control (ALGORITHMS.md §3c)."""
+"""Tests for ReLU <-> DyReLU model surgery and blend control (docs/algorithms.md §3c)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for intra-stage weight sharing and the EAST budget multiplier (ALGORITHMS.md §3d)."""
+"""Tests for intra-stage weight sharing and the EAST budget multiplier (docs/algorithms.md §3d)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _prunable_weight_names(model: nn.Module) -> list[str]:
 
 
 def _cifar_style(model: nn.Module) -> nn.Module:
-    """3x3 stride-1 stem, no max-pool, bias-free classifier (ALGORITHMS.md §3f)."""
+    """3x3 stride-1 stem, no max-pool, bias-free classifier (docs/algorithms.md §3f)."""
     model.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
     model.maxpool = nn.Identity()
     model.fc = nn.Linear(model.fc.in_features, 10, bias=False)
@@ -231,7 +231,7 @@ def test_effective_density_multiplier_cifar_resnet34_is_1_905() -> None:
     share_stage_weights(model)
     # The reused convs are SharedConv2d now, so only canonical (real) tensors are listed.
     names = _prunable_weight_names(model)
-    # ALGORITHMS.md §3d: P_real = 11,164,352 (= 11,166,912 - 9,408 + 1,728 stem + 5,120 fc),
+    # docs/algorithms.md §3d: P_real = 11,164,352 (= 11,166,912 - 9,408 + 1,728 stem + 5,120 fc),
     # P_virtual = 10,100,736, so (P_real + P_virtual) / P_real = 21,265,088 / 11,164,352 = 1.9047.
     multiplier = effective_density_multiplier(model, names)
     assert multiplier == 21_265_088 / 11_164_352
@@ -247,7 +247,7 @@ def test_effective_density_multiplier_torchvision_resnet34_and_cifar_resnet50() 
 
     resnet50 = _cifar_style(torchvision.models.resnet50(num_classes=10))
     share_stage_weights(resnet50)
-    # P_real = 13,915,328 - 9,408 + 1,728 + 2048*10 = 13,928,128; + 9,539,584 virtual -> 1.685 (ALGORITHMS.md §3d).
+    # P_real = 13,915,328 - 9,408 + 1,728 + 2048*10 = 13,928,128; + 9,539,584 virtual -> 1.685 (docs/algorithms.md §3d).
     multiplier = effective_density_multiplier(resnet50, _prunable_weight_names(resnet50))
     assert multiplier == (13_928_128 + RESNET50_VIRTUAL) / 13_928_128
     assert round(multiplier, 3) == 1.685

@@ -1,0 +1,398 @@
+"""One call from a trained sparse model to a faster one on the CPU: :func:`sparse_inference` (docs/inference.md).
+
+Every ``nn.Conv2d`` / ``nn.Linear`` of the model is timed on the shapes it sees for ``example_input``: once dense
+(torch's own kernel) and once per layout of the direct sparse kernel
+(:mod:`lightning_sparse.functional.sparse_conv`); the fastest wins, so a layer where the sparse kernel loses keeps
+the dense one. The result is a copy of the model in eval mode that runs without autograd, plus a per-layer report.
+No Lightning import (a LightningModule is handled as the ``nn.Module`` it is).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sparse.functional.sparse_conv import numba_available
+from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
+
+__all__ = ["InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
+
+CANDIDATES = ("dense", "sparse", "sparse-batch-inner")
+"""The implementations timed per layer: torch's dense kernel and the sparse kernel in its two memory layouts."""
+
+Timer = Callable[[str, str, Callable[[], Any]], float]
+"""``timer(layer_name, candidate, run) -> seconds``: how long ``run()`` takes (one of :data:`CANDIDATES`)."""
+
+
+def median_timer(repeats: int = 5, warmup: int = 1) -> Timer:
+    """A :data:`Timer`: the median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+
+    def timer(layer: str, candidate: str, run: Callable[[], Any]) -> float:
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return timer
+
+
+def _interleaved_medians(runs: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run, timed round-robin (one call of each per round, after one warm-up call each), so
+    that a change of machine load during the measurement hits every candidate alike."""
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@dataclass
+class LayerChoice:
+    """What :func:`sparse_inference` decided for one layer.
+
+    Attributes:
+        name: qualified module name.
+        kind: ``"Conv2d"`` or ``"Linear"``.
+        weight_shape: the dense weight's shape.
+        input_shape: the shape the layer saw for ``example_input`` (None if it was not called).
+        density: fraction of non-zero weights.
+        times_ms: candidate (:data:`CANDIDATES`) -> median milliseconds, for the candidates that were timed.
+        choice: the candidate that runs now.
+        reason: why, in words.
+    """
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    density: float
+    times_ms: dict[str, float] = field(default_factory=dict)
+    choice: str = "dense"
+    reason: str = ""
+
+    @property
+    def dense_ms(self) -> float | None:
+        """The dense kernel's time, if measured."""
+        return self.times_ms.get("dense")
+
+    @property
+    def sparse_ms(self) -> float | None:
+        """The faster sparse layout's time, if measured."""
+        sparse = [t for c, t in self.times_ms.items() if c != "dense"]
+        return min(sparse) if sparse else None
+
+    @property
+    def chosen_ms(self) -> float | None:
+        """The chosen implementation's time, if measured."""
+        return self.times_ms.get(self.choice)
+
+
+@dataclass
+class InferenceReport:
+    """The per-layer choices of :func:`sparse_inference`; ``str(report)`` is the table it prints."""
+
+    layers: list[LayerChoice]
+    threads: int
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        """Names of the layers that now run the sparse kernel."""
+        return [layer.name for layer in self.layers if layer.choice != "dense"]
+
+    def totals_ms(self) -> tuple[float, float]:
+        """Sum over the timed layers of the dense time and of the chosen time (the layers' share of the speedup)."""
+        timed = [layer for layer in self.layers if layer.dense_ms is not None and layer.chosen_ms is not None]
+        return sum(layer.dense_ms for layer in timed), sum(layer.chosen_ms for layer in timed)  # type: ignore[misc]
+
+    def table(self) -> str:
+        """A fixed-width table: layer, kind, weight shape, input shape, density, dense ms, sparse ms, choice."""
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3f}"
+
+        header = ("layer", "kind", "weight", "input", "density", "dense ms", "sparse ms", "choice")
+        rows = [
+            (
+                layer.name,
+                layer.kind,
+                "x".join(str(d) for d in layer.weight_shape),
+                "-" if layer.input_shape is None else "x".join(str(d) for d in layer.input_shape),
+                f"{layer.density:.4f}",
+                ms(layer.dense_ms),
+                ms(layer.sparse_ms),
+                layer.choice if layer.choice != "dense" or not layer.reason else f"dense ({layer.reason})",
+            )
+            for layer in self.layers
+        ]
+        dense_total, chosen_total = self.totals_ms()
+        total = ("total", "", "", "", "", f"{dense_total:.3f}", f"{chosen_total:.3f}", "chosen")
+        widths = [max(len(row[c]) for row in [header, *rows, total]) for c in range(len(header))]
+
+        def line(row: tuple[str, ...]) -> str:
+            return "  ".join(
+                cell.ljust(width) if column in (0, 1, 2, 3, 7) else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(row, widths))
+            ).rstrip()
+
+        rule = "-" * max(len(line(header)), len(line(total)))
+        body = [line(header), rule, *(line(row) for row in rows), rule, line(total)]
+        return "\n".join(body) + f"\n({self.threads} thread(s); 'total' sums the timed layers only)"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class SparseInferenceModel(nn.Module):
+    """The model returned by :func:`sparse_inference`: eval mode, forward under ``torch.no_grad()``.
+
+    Attributes:
+        module: the converted copy of the model.
+        report: the per-layer :class:`InferenceReport`.
+    """
+
+    def __init__(self, module: nn.Module, report: InferenceReport) -> None:
+        super().__init__()
+        self.module = module
+        self.report = report
+        super().train(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, without autograd."""
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> SparseInferenceModel:
+        """Stays in eval mode: the sparse layers have no backward; train the original model instead."""
+        if mode:
+            raise RuntimeError(
+                "a sparse_inference model is inference-only (eval mode, no gradients); train the original model "
+                "and call sparse_inference again"
+            )
+        return super().train(False)
+
+
+def _convertible(module: nn.Module) -> str | None:
+    """None if ``module`` can be converted, else why not."""
+    if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+        return f"{module.weight.dtype} on {module.weight.device}; the kernel is float32 CPU"
+    if type(module).forward not in (nn.Conv2d.forward, nn.Linear.forward):
+        return f"{type(module).__name__} has its own forward"
+    if getattr(module, "parametrizations", None) is not None:
+        return "parametrized weight"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks"
+    return None
+
+
+def _record_inputs(model: nn.Module, names: list[str], example_input: Any) -> dict[str, Tensor]:
+    """Run ``model`` once on ``example_input`` and keep the input of each layer in ``names`` (first call)."""
+    modules = dict(model.named_modules())
+    inputs: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if name not in inputs and args and isinstance(args[0], Tensor):
+                inputs[name] = args[0].detach().clone()
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, tuple):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    # A LightningModule out of trainer.fit references its Trainer; share it instead of deep-copying it.
+    trainer = model.__dict__.get("_trainer")
+    memo = {id(trainer): trainer} if trainer is not None else {}
+    return copy.deepcopy(model, memo)
+
+
+def sparse_inference(
+    model: nn.Module,
+    example_input: Tensor | tuple[Any, ...],
+    *,
+    choose: str | Mapping[str, str] = "timed",
+    timer: Timer | None = None,
+    repeats: int = 5,
+    max_density: float = 0.5,
+    verbose: bool = True,
+) -> SparseInferenceModel:
+    """Return a copy of ``model`` for CPU inference in which each sparse layer runs the faster of dense and sparse.
+
+    The masked weights of a model trained with the callbacks (or restored with
+    :func:`~lightning_sparse.export.load_sparse`) are exact zeros in dense storage; every ``nn.Conv2d`` and
+    ``nn.Linear`` whose density is at most ``max_density`` is timed on the input it receives for
+    ``example_input`` with torch's dense kernel and with the direct sparse kernel in both memory layouts
+    (docs/inference.md §2-3). The fastest is kept. The choice depends on the batch size and the thread count
+    (``torch.get_num_threads()``, which the sparse kernel also uses): call again with an input of the batch size you
+    will serve.
+
+    Args:
+        model: the trained model (an ``nn.Module``; a LightningModule works). It is not modified.
+        example_input: one input batch (or a tuple of positional arguments) of the shape to optimise for.
+        choose: ``"timed"`` (default: fastest measured), ``"sparse"`` or ``"dense"`` for every layer, or a mapping
+            layer name -> ``"timed"`` / ``"dense"`` / ``"sparse"`` / ``"sparse-batch-inner"`` (unnamed layers
+            are timed). ``"sparse"`` takes the faster measured sparse layout.
+        timer: ``timer(layer, candidate, run) -> seconds``, called once per candidate (e.g. :func:`median_timer`).
+            Inject one to force or replay a decision (the tests do). Default: the candidates of a layer are timed
+            round-robin, ``repeats`` rounds after a warm-up call each, and their medians compared.
+        repeats: timed calls per candidate and layer for the default timing.
+        max_density: layers denser than this stay dense without timing the sparse kernel (it loses there; the
+            measured crossover is far lower, docs/inference.md §3).
+        verbose: print the per-layer table.
+
+    Returns:
+        A :class:`SparseInferenceModel` (eval mode, forward under ``torch.no_grad()``) whose ``report`` holds the
+        per-layer :class:`InferenceReport`. Without numba installed every layer stays dense (with a warning).
+
+    Raises:
+        ValueError: for an unknown ``choose`` value or layer name, or ``max_density`` outside [0, 1].
+
+    Example::
+
+        fast = sparse_inference(load_sparse("model.sparse.pt", cifar_resnet18()), torch.randn(64, 3, 32, 32))
+        print(fast.report)        # layer, kind, weight, input, density, dense ms, sparse ms, choice
+        logits = fast(images)
+    """
+    if not 0.0 <= max_density <= 1.0:
+        raise ValueError(f"max_density must be in [0, 1], got {max_density}")
+    valid = ("timed", "dense", "sparse", "sparse-batch-inner")
+    if isinstance(choose, str):
+        if choose not in ("timed", "dense", "sparse"):
+            raise ValueError(f"choose must be 'timed', 'dense', 'sparse' or a mapping of layer names, got {choose!r}")
+        per_layer: Mapping[str, str] = {}
+        default = choose
+    else:
+        per_layer, default = dict(choose), "timed"
+        bad = {name: value for name, value in per_layer.items() if value not in valid}
+        if bad:
+            raise ValueError(f"choose values must be one of {valid}; got {bad}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+    work = _copy_model(model)
+    work.eval()
+    for parameter in work.parameters():
+        parameter.requires_grad_(False)
+    layers = {name: m for name, m in work.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = sorted(set(per_layer) - set(layers))
+    if unknown:
+        raise ValueError(f"choose names layers that are not Conv2d/Linear modules of the model: {unknown}")
+    have_numba = numba_available()
+    if not have_numba:
+        warnings.warn(
+            "numba is not installed, so every layer stays dense; pip install 'lightning-sparse[inference]'",
+            stacklevel=2,
+        )
+    inputs = _record_inputs(work, list(layers), example_input)
+
+    choices: list[LayerChoice] = []
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        density = float((weight != 0).sum()) / max(1, weight.numel())
+        x = inputs.get(name)
+        record = LayerChoice(
+            name=name,
+            kind="Conv2d" if isinstance(layer, nn.Conv2d) else "Linear",
+            weight_shape=tuple(weight.shape),
+            input_shape=None if x is None else tuple(x.shape),
+            density=density,
+        )
+        choices.append(record)
+        wanted = per_layer.get(name, default)
+        why_not = "numba not installed" if not have_numba else _convertible(layer)
+        if why_not is None and x is None:
+            why_not = "not called by example_input"
+        if why_not is None and x.dtype != torch.float32:
+            why_not = f"{x.dtype} input"
+        if why_not is None and wanted == "timed" and density > max_density:
+            why_not = f"density > {max_density}"
+        if why_not is not None or wanted == "dense":
+            record.reason = why_not or ("forced" if wanted == "dense" else "")
+            if wanted not in ("timed", "dense") and why_not is not None:
+                raise ValueError(f"cannot run layer {name!r} sparse as asked ({why_not})")
+            if x is not None:
+                dense = {"dense": lambda layer=layer, x=x: layer(x)}
+                seconds = (
+                    _interleaved_medians(dense, repeats)
+                    if timer is None
+                    else {"dense": timer(name, "dense", dense["dense"])}
+                )
+                record.times_ms["dense"] = 1e3 * seconds["dense"]
+            continue
+        if isinstance(layer, nn.Conv2d):
+            candidates = {
+                "sparse": SparseConv2d(layer, batch_inner=False),
+                "sparse-batch-inner": SparseConv2d(layer, batch_inner=True),
+            }
+        else:
+            candidates = {
+                "sparse": SparseLinear(layer, batch_inner=False),
+                "sparse-batch-inner": SparseLinear(layer, batch_inner=True),
+            }
+        if isinstance(layer, nn.Conv2d):
+            samples = x.shape[0] if x.dim() == 4 else 1
+        else:
+            samples = x.numel() // max(1, x.shape[-1])
+        if samples == 1 and wanted != "sparse-batch-inner":
+            candidates.pop("sparse-batch-inner")  # a single sample: both layouts are the same computation
+        runs: dict[str, Callable[[], Any]] = {"dense": lambda layer=layer, x=x: layer(x)}
+        runs.update({c: (lambda m=m, x=x: m(x)) for c, m in candidates.items()})
+        if wanted in candidates:
+            runs = {wanted: runs[wanted], "dense": runs["dense"]}
+        with torch.no_grad():
+            if timer is None:
+                record.times_ms.update({c: 1e3 * t for c, t in _interleaved_medians(runs, repeats).items()})
+            else:
+                for candidate, run in runs.items():
+                    record.times_ms[candidate] = 1e3 * timer(name, candidate, run)
+        sparse_times = {c: t for c, t in record.times_ms.items() if c in candidates}
+        fastest_sparse = min(sparse_times, key=sparse_times.__getitem__)
+        if wanted in candidates:
+            record.choice, record.reason = wanted, "forced"
+        elif wanted == "sparse":
+            record.choice, record.reason = fastest_sparse, "forced"
+        elif record.times_ms[fastest_sparse] < record.times_ms["dense"]:
+            record.choice = fastest_sparse
+        else:
+            record.reason = "sparse slower"
+        if record.choice != "dense":
+            _set_submodule(work, name, candidates[record.choice])
+
+    report = InferenceReport(layers=choices, threads=torch.get_num_threads())
+    if verbose:
+        print(report)
+    return SparseInferenceModel(work, report)

@@ -1,0 +1,120 @@
+"""Inference-only Conv2d / Linear layers that run the direct sparse kernel (docs/inference.md §2).
+
+Built from a trained ``nn.Conv2d`` / ``nn.Linear`` whose masked weights are exact zeros (how the callbacks keep
+them); only the active weights are stored. They compute the same function as the layer they replace (to float32
+rounding) but no gradient: :func:`lightning_sparse.sparse_inference` puts them in place. No Lightning import.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sparse.functional.sparse_conv import (
+    PackedSparseWeight,
+    pack_conv2d_weight,
+    pack_linear_weight,
+    sparse_conv2d,
+    sparse_linear,
+)
+
+__all__ = ["SparseConv2d", "SparseLinear"]
+
+
+def _refuse_autograd(x: Tensor, name: str) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} is inference-only (its kernel has no backward); call it under torch.no_grad(), or use the "
+            "dense layer for training (docs/inference.md §5)"
+        )
+
+
+class SparseConv2d(nn.Module):
+    """A Conv2d that multiplies only its active (non-zero) weights.
+
+    Args:
+        conv: the trained layer; its weight's exact zeros are treated as masked.
+        batch_inner: interleave the samples in memory (better for small planes at large batch; see
+            :func:`lightning_sparse.functional.sparse_conv.sparse_conv2d`).
+
+    Example:
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
+        >>> sparse = SparseConv2d(conv)
+        >>> x = torch.randn(2, 8, 6, 6)
+        >>> torch.allclose(sparse(x), conv(x).detach(), atol=1e-5)
+        True
+    """
+
+    def __init__(self, conv: nn.Conv2d, batch_inner: bool = False) -> None:
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d is built from an nn.Conv2d, got {type(conv).__name__}")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        self.padding = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
+        self.batch_inner = batch_inner
+        self.weight_numel = conv.weight.numel()
+        self.packed: PackedSparseWeight = pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups)
+        bias = None if conv.bias is None else conv.bias.detach().to("cpu", torch.float32).clone()
+        self.register_buffer("bias", bias)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight that is active."""
+        return self.packed.nnz / self.weight_numel
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The convolution over the active weights only."""
+        _refuse_autograd(x, "SparseConv2d")
+        return sparse_conv2d(x, self.packed, self.bias, self.padding, self.padding_mode, self.batch_inner)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"density={self.density:.4f}, batch_inner={self.batch_inner}"
+        )
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer that multiplies only its active (non-zero) weights (CSR x dense).
+
+    Args:
+        linear: the trained layer; its weight's exact zeros are treated as masked.
+        batch_inner: run the inner loop over the batch (the default; ``False`` is a dot product per sample).
+    """
+
+    def __init__(self, linear: nn.Linear, batch_inner: bool = True) -> None:
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear is built from an nn.Linear, got {type(linear).__name__}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.batch_inner = batch_inner
+        self.weight_numel = linear.weight.numel()
+        self.packed: PackedSparseWeight = pack_linear_weight(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).clone()
+        self.register_buffer("bias", bias)
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight that is active."""
+        return self.packed.nnz / self.weight_numel
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ weight.T + bias`` over the active weights only."""
+        _refuse_autograd(x, "SparseLinear")
+        return sparse_linear(x, self.packed, self.bias, self.batch_inner)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"density={self.density:.4f}, batch_inner={self.batch_inner}"
+        )
