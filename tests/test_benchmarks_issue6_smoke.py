@@ -14,12 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script, extra arguments that make --quick smaller still, keys the JSON must hold
 CASES = [
-    ("accuracy", ["--epochs", "1", "--batches", "2", "--sparsities", "0.9", "0.999"],
-     ["machine", "settings", "runs", "summary", "verdicts"]),
-    ("overhead", ["--repeats", "1"], ["machine", "median_step_seconds", "time_ratio", "peak_memory_bytes", "memory_ratio"]),
+    (
+        "accuracy",
+        ["--seeds", "1", "--batches", "3", "--period", "2", "--sparsities", "0.9", "0.99", "--workers", "2"],
+        ["machine", "settings", "runs", "summary", "verdicts"],
+    ),
+    (
+        "overhead",
+        ["--repeats", "1"],
+        ["machine", "median_step_seconds", "time_ratio", "peak_memory_bytes", "memory_ratio"],
+    ),
     ("topology_cost", [], ["machine", "median_seconds", "ratio_to_global_sort"]),
-    ("peer_rigl_torch", ["--epochs", "1", "--batches", "2"],
-     ["machine", "peer_available", "peer_unavailable_reason", "summary", "step_time_ratios"]),
+    (
+        "peer_rigl_torch",
+        ["--seeds", "1", "--batches", "3", "--period", "2"],
+        ["machine", "peer_available", "peer_unavailable_reason", "summary", "paired_differences"],
+    ),
 ]
 
 
@@ -28,7 +38,11 @@ def test_benchmark_quick_writes_results(tmp_path: Path, script: str, extra: list
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(tmp_path), *extra],
-        check=True, env=env, cwd=ROOT, capture_output=True, timeout=300,
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
     )
     result = json.loads((tmp_path / f"{script}_quick.json").read_text())
     assert result["quick"] is True
@@ -40,5 +54,16 @@ def test_benchmark_quick_writes_results(tmp_path: Path, script: str, extra: list
     if script == "accuracy":  # both expectations are decided from the run's own numbers and stated in the table
         assert {v["status"] for v in result["verdicts"].values()} <= {"confirmed", "refuted"}
         text = (tmp_path / "accuracy_quick.md").read_text()
-        assert "(a) Dynamic methods" in text and "(b) EAST holds accuracy" in text
-
+        assert "(a) At sparsity 0.99, RigL and the EAST stack" in text and "(b) The full EAST stack" in text
+        # every method at both columns, the EAST ablation at the extreme one, empty channels measured in every cell
+        arms = {(cell["arm"], cell["sparsity"]) for cell in result["summary"].values()}
+        for arm in ("static", "set", "rigl", "dsr", "dsr_erk", "east"):
+            assert {(arm, 0.9), (arm, 0.99)} <= arms, arm
+        for arm in ("east_no_dyrelu", "east_no_sharing", "east_no_cyclic", "east_no_channel_safety"):
+            assert (arm, 0.99) in arms, arm
+        assert all(isinstance(run["empty_channels_end"], int) for run in result["runs"])
+        dsr = next(run for run in result["runs"] if run["arm"] == "dsr")  # paper setting: stem, shortcuts, fc dense
+        assert dsr["sparse_weights"] < next(r for r in result["runs"] if r["arm"] == "static")["sparse_weights"]
+    if script == "peer_rigl_torch" and result["peer_available"]:  # same layer layout: the stem dense in both arms
+        densities = {run["kind"]: run["first_layer_density"] for run in result["runs"]}
+        assert densities["peer_rigl"] == densities["ours_rigl"] == 1.0
