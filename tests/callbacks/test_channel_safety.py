@@ -180,7 +180,7 @@ def test_unused_channel_arguments_are_rejected():
         CyclicSparsitySchedule(min_active_per_channel=-1)
     with pytest.raises(TypeError, match="min_active_per_channel"):
         DynamicReallocation("rigl", min_active_per_channel=1.5)
-    with pytest.raises(ValueError, match="unknown growth rule"):
+    with pytest.raises(ValueError, match="growth_rule must be one of 'global', 'channel_normalized', 'channel_capped'"):
         CyclicSparsitySchedule(growth_rule="biggest")
     defaults = DynamicReallocation("rigl")
     assert defaults.min_active_per_channel == 1 and defaults.growth_rule == "channel_normalized"

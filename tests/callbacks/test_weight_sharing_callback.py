@@ -51,7 +51,9 @@ def test_budget_rule_holds_with_mask_init(name) -> None:
     sharing, mask_init = WeightSharing(), MaskInit(sparsity=sparsity, distribution="erk", seed=0)
     model = Classifier(net, optimizer="sgd")
     # The two hooks that matter, in the Trainer's order: every setup, then MaskInit.on_fit_start.
-    trainer = SimpleNamespace(callbacks=[mask_init, sharing], optimizers=[])
+    trainer = SimpleNamespace(
+        callbacks=[mask_init, sharing], optimizers=[], ckpt_path=None, is_global_zero=True, loggers=[], logger=None
+    )
     sharing.setup(trainer, model, "fit")  # type: ignore[arg-type]
     mask_init.on_fit_start(trainer, model)  # type: ignore[arg-type]
 
