@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -266,10 +267,12 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     results = [measure(model, threads, batch, args)
                for model in args.models for batch in args.batch_sizes for threads in args.threads]
     summary = profile(args) if args.profile_steps > 0 else None
     total_seconds = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
 
     worst = max(r["cpu"]["ordinary_ratio"] for r in results) - 1.0
     name = result_name("step_overhead", args.quick)
@@ -280,9 +283,11 @@ def main() -> None:
         f"(log_every_n_steps=50) and the loss logged every step; {args.repeats} interleaved dense/sparse run pair(s) "
         f"per row, {args.warmup} warm-up + {args.steps} timed steps each, every step timed on its own; DSR every "
         f"{args.every_n_steps} steps to sample update steps. Medians over the steps. torch {torch.__version__}, "
-        f"lightning {L.__version__}; total {total_seconds / 60:.1f} min. **Measured while other jobs shared the "
-        "machine's 2 cores**: wall-time figures are noisy; the CPU-time figures (the process's CPU time per step, "
-        "all its threads) are not inflated by waiting for the cores, and are the ones to compare with the targets.",
+        f"lightning {L.__version__}; total {total_seconds / 60:.1f} min; 1-minute load average {load_before:.1f} at the "
+        f"start and {load_after:.1f} at the end on {os.cpu_count()} cores (a load above the core count means other jobs "
+        "shared them). Wall-time figures include waiting for the cores; the CPU-time figures (the process's CPU time "
+        "per step, all its threads) do not, and are the ones to compare with the targets. With few run pairs the "
+        "ratios carry the run-to-run noise of one pair: read them together with the profile below.",
         "",
     ]
     header = ["model", "threads", "batch", "clock", "dense step (ms)", "ordinary / dense", "update: extra dense steps",
