@@ -24,6 +24,7 @@ from lightning_sparse.data import DigitsDataModule
 from lightning_sparse.export import load_sparse
 from lightning_sparse.models import WideResNet
 from lightning_sparse.selection import select_sparse_parameters
+from tests.helpers import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -299,18 +300,10 @@ def _small_cnn_class() -> type[L.LightningModule]:
     return example.SmallCNN
 
 
-def _plain_trainer(tmp_path: Path, callbacks: list, **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+def _plain_trainer(tmp_path: Path, callbacks: list) -> L.Trainer:
+    # A plain Trainer script's fit, checkpoints written by the ModelCheckpoint among ``callbacks``.
+    settings = trainer_kwargs(tmp_path, limit_train_batches=3, limit_val_batches=1, enable_checkpointing=True)
+    return L.Trainer(callbacks=callbacks, **settings)
 
 
 def test_export_of_a_plain_trainer_checkpoint_with_a_user_module(tmp_path, capsys):
