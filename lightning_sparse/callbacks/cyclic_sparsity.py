@@ -12,27 +12,23 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse._validation import CycleShape, Distribution, GrowthRule, check_choice, check_int, check_real
-from lightning_sparse.callbacks._log_gate import ChangeGate
 from lightning_sparse.callbacks._progress import check_schedule_point, run_length, schedule_point_to_step
-from lightning_sparse.callbacks._rank_logging import log_replicated
-from lightning_sparse.functional.channels import feasible_floor, resolve_growth_rule
+from lightning_sparse.callbacks._topology_updater import TopologyUpdater, check_channel_safety
+from lightning_sparse.functional.channels import feasible_floor
 from lightning_sparse.functional.criteria import gradient_grow, magnitude_drop
 from lightning_sparse.functional.cyclic import cycle_lengths, cycle_position, cyclic_density
 from lightning_sparse.functional.distributions import active_counts, layer_densities
-from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
+from lightning_sparse.masks import SparseMasks
 
 __all__ = ["CyclicSparsitySchedule"]
 
-_UPDATER_ORDER = 0  # before count-preserving reallocation (DynamicReallocation registers with order 10)
 
-
-class CyclicSparsitySchedule(Callback):
+class CyclicSparsitySchedule(TopologyUpdater):
     r"""EAST's cyclic sparsity: grow above the active-weight budget and prune back to it, ``cycles`` times.
 
     docs/algorithms.md §3e (Li et al. 2024). The budget B is the number of active weights when training starts (as
@@ -108,6 +104,18 @@ class CyclicSparsitySchedule(Callback):
         ])
     """
 
+    _ORDER = 0  # before count-preserving reallocation (DynamicReallocation registers with order 10)
+    _LOG_PREFIX = "cyclic"
+    _COUNTERS = {
+        **TopologyUpdater._COUNTERS,
+        "num_skipped_missing_grad": int,
+        "last_target_nnz": int,
+        "last_realised_nnz": int,
+    }
+
+    num_updates: int
+    """Updates that ran (the final return to the budget included)."""
+
     def __init__(
         self,
         max_multiplier: float = 3.0,
@@ -132,30 +140,16 @@ class CyclicSparsitySchedule(Callback):
         self.shape = check_choice(shape, "shape", CycleShape)
         self.distribution = None if distribution is None else check_choice(distribution, "distribution", Distribution)
         self.power_scale = None if power_scale is None else check_real(power_scale, "power_scale", low=0.0)
-        self.min_active_per_channel = check_int(
-            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
-        )
-        self.growth_rule = resolve_growth_rule(
-            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
-            self.min_active_per_channel,
-        )
-        self._warned_nonfinite = False
+        self.min_active_per_channel, self.growth_rule = check_channel_safety(min_active_per_channel, growth_rule)
 
-        self._owner: MaskOwner | None = None
         self._lengths: list[int] = []
         self._budget: int | None = None
         self._finished = False
-        self.num_updates = 0
-        """Updates that ran (the final return to the budget included)."""
-        self.num_skipped_nonfinite = 0
-        """Updates skipped because a sparse tensor's gradient was not finite."""
         self.num_skipped_missing_grad = 0
         """Updates skipped because a tensor that had to grow had no gradient."""
-        self.last_update_step = -1
         self.last_target_nnz = 0
         self.last_realised_nnz = 0
         self._numel = 0
-        self._log_gate = ChangeGate()
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -201,22 +195,14 @@ class CyclicSparsitySchedule(Callback):
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find MaskInit (a clear error if there is none) and register the update, before reallocation."""
-        if stage != "fit":
-            return
-        self._owner = find_mask_owner(trainer, type(self).__name__)
-        self._owner.register_topology_updater(self._update, order=_UPDATER_ORDER)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the cycles in optimizer steps and take the budget (unless restored from a checkpoint)."""
+        super().on_train_start(trainer, pl_module)
         total, per_epoch = run_length(trainer, type(self).__name__)
         first = max(schedule_point_to_step(self.cycle_length, total, per_epoch), 1)
         self._lengths = cycle_lengths(first, self.cycles, self.length_multiplier)
         masks = self._masks()
         self._numel = masks.numel()
-        self._log_gate.reset()
         if self._budget is None:
             self._budget = masks.nnz()
             self.last_target_nnz = self.last_realised_nnz = self._budget
@@ -232,21 +218,17 @@ class CyclicSparsitySchedule(Callback):
         )
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Log the target and realised densities and the counters when they changed (host numbers: no device sync)."""
+    def _metrics(self) -> dict[str, float]:
+        """The target and realised densities and the counters."""
         if not self._numel:
-            return
-        metrics = {
+            return {}
+        return {
             "cyclic/target_density": self.last_target_nnz / self._numel,
             "cyclic/realised_density": self.last_realised_nnz / self._numel,
             "cyclic/multiplier": self.last_target_nnz / self._budget if self._budget else 1.0,
             "cyclic/updates": float(self.num_updates),
             "cyclic/skipped_nonfinite": float(self.num_skipped_nonfinite),
         }
-        if self._log_gate.changed(trainer, metrics):
-            log_replicated(pl_module, metrics, on_step=True)
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -256,12 +238,7 @@ class CyclicSparsitySchedule(Callback):
             "budget": self._budget,
             "cycle_steps": list(self._lengths),
             "finished": self._finished,
-            "num_updates": self.num_updates,
-            "num_skipped_nonfinite": self.num_skipped_nonfinite,
-            "num_skipped_missing_grad": self.num_skipped_missing_grad,
-            "last_update_step": self.last_update_step,
-            "last_target_nnz": self.last_target_nnz,
-            "last_realised_nnz": self.last_realised_nnz,
+            **super().state_dict(),
         }
 
     @override
@@ -270,19 +247,10 @@ class CyclicSparsitySchedule(Callback):
         budget = state_dict.get("budget")
         self._budget = None if budget is None else int(budget)
         self._finished = bool(state_dict["finished"])
-        self.num_updates = int(state_dict["num_updates"])
-        self.num_skipped_nonfinite = int(state_dict["num_skipped_nonfinite"])
-        self.num_skipped_missing_grad = int(state_dict["num_skipped_missing_grad"])
-        self.last_update_step = int(state_dict["last_update_step"])
-        self.last_target_nnz = int(state_dict["last_target_nnz"])
-        self.last_realised_nnz = int(state_dict["last_realised_nnz"])
+        super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------------------------------- the update
-    def _masks(self) -> SparseMasks:
-        if self._owner is None:
-            raise RuntimeError("CyclicSparsitySchedule is set up by Trainer.fit; it has not been set up yet")
-        return self._owner.masks
-
+    @override
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Topology updater, called by MaskInit once per optimizer step with dense gradients, before masking."""
         masks = self._masks()
@@ -295,16 +263,7 @@ class CyclicSparsitySchedule(Callback):
         in_cycles = step < sum(self._lengths)
         if in_cycles and (step == 0 or step % self.every_n_steps != 0):
             return
-        if not masks.grads_are_finite():
-            self.num_skipped_nonfinite += 1
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"CyclicSparsitySchedule: skipped the update at step {step}: a sparse tensor's gradient is not "
-                    "finite (nan/inf loss?). Further skips are counted in cyclic/skipped_nonfinite without a warning.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if not self._gradients_finite(masks, step):
             return
         target = self.target_nnz(step)
         new_masks = self._masks_for(masks, target)

@@ -16,18 +16,15 @@ from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_sparse._validation import GrowthRule, Method, Rounding, check_choice, check_int, check_real, check_seed
-from lightning_sparse.callbacks._log_gate import ChangeGate
-from lightning_sparse.callbacks._rank_logging import log_replicated
-from lightning_sparse.functional.channels import resolve_growth_rule
+from lightning_sparse.callbacks._topology_updater import TopologyUpdater, check_channel_safety
 from lightning_sparse.functional.criteria import cosine_drop_fraction, rigl_update, set_update, update_count
 from lightning_sparse.functional.dsr import dsr_reallocate
-from lightning_sparse.masks import MaskOwner, SparseMasks, find_mask_owner
+from lightning_sparse.masks import SparseMasks
 from lightning_sparse.schedules import ConstantPeriod, PeriodSchedule, should_update
 
 __all__ = ["DynamicReallocation", "METHODS"]
@@ -36,10 +33,9 @@ METHODS: tuple[str, ...] = get_args(Method)
 """The topology-update methods of :class:`DynamicReallocation`."""
 
 _DEFAULT_STOP_AT = {"dsr": 0.95, "set": 0.95, "rigl": 0.75}
-_UPDATER_ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
 
 
-class DynamicReallocation(Callback):
+class DynamicReallocation(TopologyUpdater):
     r"""Prune and regrow the active weights every few optimizer steps, keeping their total fixed.
 
     Needs a :class:`~lightning_sparse.callbacks.MaskInit` in the same Trainer and changes its masks only through
@@ -146,6 +142,20 @@ class DynamicReallocation(Callback):
         ])
     """
 
+    _ORDER = 10  # orders below 10 are left to density schedules (CyclicSparsitySchedule), which run first
+    _LOG_PREFIX = "reallocation"
+    _COUNTERS = {
+        **TopologyUpdater._COUNTERS,
+        "num_skipped_held": int,
+        "num_rank_corrections": int,
+        "last_pruned": int,
+        "last_grown": int,
+        "last_drop_fraction": float,
+    }
+
+    num_updates: int
+    """Updates that ran (including DSR updates that pruned nothing)."""
+
     def __init__(
         self,
         method: Method = "dsr",
@@ -199,13 +209,7 @@ class DynamicReallocation(Callback):
             0.3 if drop_fraction is None else drop_fraction, "drop_fraction", low=0.0, high=1.0, low_open=True
         )
         self.seed = check_seed(seed)
-        self.min_active_per_channel = check_int(
-            min_active_per_channel, "min_active_per_channel", minimum=0, what=" (0 turns the floor off)"
-        )
-        self.growth_rule = resolve_growth_rule(
-            None if growth_rule is None else check_choice(growth_rule, "growth_rule", GrowthRule),
-            self.min_active_per_channel,
-        )
+        self.min_active_per_channel, self.growth_rule = check_channel_safety(min_active_per_channel, growth_rule)
         self.drop_fraction_floor = check_real(
             0.0 if drop_fraction_floor is None else drop_fraction_floor,
             "drop_fraction_floor",
@@ -217,25 +221,17 @@ class DynamicReallocation(Callback):
 
         self._generator = torch.Generator().manual_seed(self.seed)
         self._threshold = self.initial_threshold
-        self._owner: MaskOwner | None = None
         self._total_steps = 0
         self._stop_step = 0
         self._checkpoint_ever_active: dict[str, Tensor] | None = None
         self._itop_rate = 0.0
-        self._warned_nonfinite = False
-        self.num_updates = 0
-        """Updates that ran (including DSR updates that pruned nothing)."""
-        self.num_skipped_nonfinite = 0
-        """Updates skipped because a sparse tensor's gradient was not finite."""
         self.num_skipped_held = 0
         """Updates skipped because another callback held the mask budget."""
         self.num_rank_corrections = 0
         """Updates after which rank 0's broadcast changed this rank's masks (should stay 0)."""
-        self.last_update_step = -1
         self.last_pruned = 0
         self.last_grown = 0
         self.last_drop_fraction = 0.0
-        self._log_gate = ChangeGate()
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -261,16 +257,9 @@ class DynamicReallocation(Callback):
 
     # ------------------------------------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find MaskInit (a clear error if there is none) and register the topology update with it."""
-        if stage != "fit":
-            return
-        self._owner = find_mask_owner(trainer, type(self).__name__)
-        self._owner.register_topology_updater(self._update, order=_UPDATER_ORDER)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fix the stop step from the run's length and start (or restore) the ever-active masks."""
+        super().on_train_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
@@ -284,17 +273,14 @@ class DynamicReallocation(Callback):
             masks.merge_ever_active_(self._checkpoint_ever_active)
             self._checkpoint_ever_active = None
         self._itop_rate = masks.itop_rate()
-        self._log_gate.reset()
         rank_zero_info(
             f"DynamicReallocation({self.method!r}): {self.schedule!r}, updates until step {self._stop_step} "
             f"of {self._total_steps}"
         )
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Log the reallocation curves when they changed (host-side numbers only: no device sync)."""
+    def _metrics(self) -> dict[str, float]:
+        """The reallocation curves: the counters, the ITOP rate and DSR's threshold or the drop fraction."""
         metrics = {
             "reallocation/updates": float(self.num_updates),
             "reallocation/pruned": float(self.last_pruned),
@@ -307,8 +293,7 @@ class DynamicReallocation(Callback):
             metrics["reallocation/threshold"] = self._threshold
         else:
             metrics["reallocation/drop_fraction"] = self.last_drop_fraction
-        if self._log_gate.changed(trainer, metrics):
-            log_replicated(pl_module, metrics, on_step=True)
+        return metrics
 
     # ------------------------------------------------------------------------------------------------ state
     @override
@@ -317,14 +302,7 @@ class DynamicReallocation(Callback):
         return {
             "method": self.method,
             "threshold": self._threshold,
-            "num_updates": self.num_updates,
-            "num_skipped_nonfinite": self.num_skipped_nonfinite,
-            "num_skipped_held": self.num_skipped_held,
-            "num_rank_corrections": self.num_rank_corrections,
-            "last_update_step": self.last_update_step,
-            "last_pruned": self.last_pruned,
-            "last_grown": self.last_grown,
-            "last_drop_fraction": self.last_drop_fraction,
+            **super().state_dict(),
             "generator_state": self._generator.get_state(),
         }
 
@@ -341,14 +319,7 @@ class DynamicReallocation(Callback):
                 f"method={self.method!r}: resume with the same method"
             )
         self._threshold = float(state_dict["threshold"])
-        self.num_updates = int(state_dict["num_updates"])
-        self.num_skipped_nonfinite = int(state_dict["num_skipped_nonfinite"])
-        self.num_skipped_held = int(state_dict["num_skipped_held"])
-        self.num_rank_corrections = int(state_dict["num_rank_corrections"])
-        self.last_update_step = int(state_dict["last_update_step"])
-        self.last_pruned = int(state_dict["last_pruned"])
-        self.last_grown = int(state_dict["last_grown"])
-        self.last_drop_fraction = float(state_dict["last_drop_fraction"])
+        super().load_state_dict(state_dict)
         self._generator.set_state(state_dict["generator_state"])
         if state_dict.get("ever_active") is not None:
             self._checkpoint_ever_active = dict(state_dict["ever_active"])
@@ -366,11 +337,7 @@ class DynamicReallocation(Callback):
         self.__dict__.update({**state, "_generator": generator})
 
     # ------------------------------------------------------------------------------------------- the update
-    def _masks(self) -> SparseMasks:
-        if self._owner is None:
-            raise RuntimeError("DynamicReallocation is set up by Trainer.fit; it has not been set up yet")
-        return self._owner.masks
-
+    @override
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Topology updater, called by MaskInit once per optimizer step with dense gradients, before masking."""
         step = trainer.global_step
@@ -382,16 +349,7 @@ class DynamicReallocation(Callback):
         if masks.budget_holder is not None:
             self.num_skipped_held += 1
             return
-        if not masks.grads_are_finite():
-            self.num_skipped_nonfinite += 1
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(
-                    f"DynamicReallocation: skipped the update at step {step}: a sparse tensor's gradient is not finite "
-                    "(nan/inf loss?). Further skips are counted in reallocation/skipped_nonfinite without a warning.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if not self._gradients_finite(masks, step):
             return
 
         expected_nnz = masks.nnz()
