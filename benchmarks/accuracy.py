@@ -50,45 +50,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    RESULTS,
-    CosineClassifier,
-    ShuffledBatches,
-    build_net,
-    east_callbacks,
-    empty_output_channels,
-    evaluate,
-    final_train_loss,
-    fit_lightning,
-    format_difference,
-    load_mnist,
-    markdown_table,
-    mean_std,
-    measurably_below,
-    mnist,
-    new_figure,
-    output_channels,
-    paired_difference,
-    result_name,
-    reusable_runs,
-    save_figure,
-    save_partial,
-    share_mnist,
-    write_results,
-)
+import _common as common  # noqa: E402
 
 from lightning_sparse.callbacks import CyclicSparsitySchedule, DynamicReallocation, MaskInit  # noqa: E402
 from lightning_sparse.schedules import SteppedPeriod  # noqa: E402
@@ -123,7 +94,7 @@ def arm_callbacks(arm: str, sparsity: float, seed: int, args: argparse.Namespace
     if arm == "dense":
         return []
     if arm == "dsr":
-        net = build_net(args.width, args.blocks)
+        net = common.build_net(args.width, args.blocks)
         sparse = sum(
             p.numel()
             for name, p in net.named_parameters()
@@ -131,21 +102,14 @@ def arm_callbacks(arm: str, sparsity: float, seed: int, args: argparse.Namespace
         )
         prune_target = max(1, round(DSR_PAPER_NP_RATIO * (1.0 - sparsity) * sparse))
         return [
-            MaskInit(
-                sparsity=sparsity,
-                distribution="uniform",
-                include=DSR_PAPER_INCLUDE,
-                seed=seed,
-                log_layer_densities=False,
-                layer_report=False,
-            ),
+            common.quiet_mask_init(sparsity, seed, "uniform", include=DSR_PAPER_INCLUDE),
             DynamicReallocation(
                 "dsr", every_n_steps=SteppedPeriod(period, milestones=MILESTONES), prune_target=prune_target, seed=seed
             ),
         ]
     if arm.startswith("east"):
         off = arm.removeprefix("east_no_") if arm != "east" else ""
-        return east_callbacks(
+        return common.east_callbacks(
             sparsity,
             seed,
             period,
@@ -155,9 +119,7 @@ def arm_callbacks(arm: str, sparsity: float, seed: int, args: argparse.Namespace
             cycle_period=max(1, period // 2),
             min_active_per_channel=0 if off == "channel_safety" else None,
         )
-    mask_init = MaskInit(
-        sparsity=sparsity, distribution="erk", seed=seed, log_layer_densities=False, layer_report=False
-    )
+    mask_init = common.quiet_mask_init(sparsity, seed)
     if arm == "static":
         return [mask_init]
     method = {"set": "set", "rigl": "rigl", "dsr_erk": "dsr"}[arm]
@@ -174,30 +136,21 @@ class ChannelProbe(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         masks = self.owner.masks
         self.at_start = {
-            "empty": empty_output_channels(masks),
-            "channels": output_channels(masks),
+            "empty": common.empty_output_channels(masks),
+            "channels": common.output_channels(masks),
             "active": masks.nnz(),
         }
 
 
 def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one model and return its test accuracy, weights, channels, updates, final train loss and wall time."""
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    data = mnist(args.image_size)
-    L.seed_everything(seed, verbose=False)
-    loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed=seed)
-    per_epoch = min(len(loader), args.batches) if args.batches else len(loader)
-    steps = args.epochs * per_epoch
-    model = CosineClassifier(build_net(args.width, args.blocks), lr=args.lr, total_steps=steps)
+    data, loader, per_epoch, steps = common.start_run(args, seed)
+    model = common.CosineClassifier(common.build_net(args.width, args.blocks), lr=args.lr, total_steps=steps)
     callbacks = arm_callbacks(arm, sparsity or 0.0, seed, args)
     owner = next((c for c in callbacks if isinstance(c, MaskInit)), None)
     probe = ChannelProbe(owner) if owner is not None else None
-    seconds = fit_lightning(model, loader, steps, callbacks + ([probe] if probe else []))
-    accuracy = evaluate(model.net, data.x_test, data.y_test)
+    seconds = common.fit_lightning(model, loader, steps, callbacks + ([probe] if probe else []))
+    accuracy = common.evaluate(model.net, data.x_test, data.y_test)
     run: dict[str, Any] = {
         "arm": arm,
         "sparsity": sparsity,
@@ -205,7 +158,7 @@ def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Names
         "accuracy": accuracy,
         "steps": steps,
         "train_seconds": seconds,
-        "final_train_loss": final_train_loss(model.losses, per_epoch),
+        "final_train_loss": common.final_train_loss(model.losses, per_epoch),
     }
     if owner is None:
         weights = {n: p for n, p in model.named_parameters() if p.dim() > 1}
@@ -224,10 +177,10 @@ def train_once(arm: str, sparsity: float | None, seed: int, args: argparse.Names
     run.update(
         active_weights=masks.nnz(),
         sparse_weights=masks.numel(),
-        sparse_output_channels=output_channels(masks),
+        sparse_output_channels=common.output_channels(masks),
         active_at_start=probe.at_start["active"],
         empty_channels_start=probe.at_start["empty"],
-        empty_channels_end=empty_output_channels(masks),
+        empty_channels_end=common.empty_output_channels(masks),
         updates=(reallocation.num_updates if reallocation else 0) + (cyclic.num_updates if cyclic else 0),
         cyclic_updates=cyclic.num_updates if cyclic else 0,
     )
@@ -264,7 +217,7 @@ def cells(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         groups.setdefault(f"{run['arm']}@{run['sparsity']}", []).append(run)
     summary = {}
     for key, group in groups.items():
-        mean, std = mean_std([r["accuracy"] for r in group])
+        mean, std = common.mean_std([r["accuracy"] for r in group])
         per_channel = [r["active_weights"] / r["sparse_output_channels"] for r in group if r["sparse_output_channels"]]
         summary[key] = {
             "arm": group[0]["arm"],
@@ -309,9 +262,9 @@ def verdicts(summary: dict[str, dict[str, Any]], extreme: float, ablations: list
     checks = {}
     for arm in ("rigl", "east"):
         if cell(arm) is not None and static is not None:
-            checks[arm] = paired_difference(cell(arm)["accuracy_by_seed"], static["accuracy_by_seed"])
+            checks[arm] = common.paired_difference(cell(arm)["accuracy_by_seed"], static["accuracy_by_seed"])
     if len(checks) == 2:
-        worse = [arm for arm, d in checks.items() if measurably_below(d)]
+        worse = [arm for arm, d in checks.items() if common.measurably_below(d)]
         result["a_no_worse_than_static"] = {
             "status": "refuted" if worse else "confirmed",
             "differences": checks,
@@ -322,12 +275,12 @@ def verdicts(summary: dict[str, dict[str, Any]], extreme: float, ablations: list
         result["a_no_worse_than_static"] = {"status": "untested (needs static, rigl and east)"}
     full = cell("east")
     checks = {
-        arm: paired_difference(full["accuracy_by_seed"], cell(arm)["accuracy_by_seed"])
+        arm: common.paired_difference(full["accuracy_by_seed"], cell(arm)["accuracy_by_seed"])
         for arm in ablations
         if full is not None and cell(arm) is not None
     }
     if checks:
-        worse = [arm for arm, d in checks.items() if measurably_below(d)]
+        worse = [arm for arm, d in checks.items() if common.measurably_below(d)]
         result["b_full_east_at_least_as_good"] = {
             "status": "refuted" if worse else "confirmed",
             "differences": checks,
@@ -355,89 +308,34 @@ def schedule_lines(args: argparse.Namespace, steps: int, per_epoch: int) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds for the verdict cells, 1 epoch, P = 25")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="seeds of the cells that decide the verdicts: static, "
-        "RigL, EAST and the ablation at the extreme column (default 5; --quick: 2)",
-    )
-    parser.add_argument(
-        "--other-seeds",
-        type=int,
-        default=None,
-        help="seeds of every other cell: dense, the other columns, SET and both DSRs at the extreme column (default 1)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
-    )
-    parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument(
-        "--period", type=int, default=None, help="topology-update period P in steps (default 40; --quick: 25)"
-    )
-    parser.add_argument(
-        "--sparsities",
-        type=float,
-        nargs="+",
-        default=[0.9, 0.99],
-        help="columns; the highest is the extreme column (0.99: about 3 active weights per channel)",
+    common.add_training_arguments(
+        parser,
+        quick="2 seeds for the verdict cells, 1 epoch, P = 25",
+        seeds="seeds of the cells that decide the verdicts: static, RigL, EAST and the ablation at the extreme "
+        "column (default 5; --quick: 2)",
+        other_seeds="seeds of every other cell: dense, the other columns, SET and both DSRs at the extreme column "
+        "(default 1)",
+        period="topology-update period P in steps (default 40; --quick: 25)",
+        sparsities="columns; the highest is the extreme column (0.99: about 3 active weights per channel)",
     )
     parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS)
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--blocks", type=int, nargs=4, default=[3, 3, 3, 3])
-    parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
-    parser.add_argument(
-        "--reuse",
-        type=Path,
-        default=None,
-        help="take the runs of an earlier results JSON with the "
-        "same schedule instead of training them again (a benchmark run in parts)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.seeds = args.seeds or (2 if args.quick else 5)
-    args.other_seeds = min(args.seeds, args.other_seeds or 1)
-    args.epochs = args.epochs or (1 if args.quick else 3)
-    args.period = args.period or (25 if args.quick else 40)
-    args.sparsities = sorted(args.sparsities)
+    common.resolve_training_defaults(args, other_seeds=1)
     extreme = args.sparsities[-1]
 
     started = time.perf_counter()
-    schedule_keys = ["epochs", "batches", "period", "width", "blocks", "image_size", "batch_size", "lr"]
-    reused = reusable_runs(args.reuse, vars(args), schedule_keys)
-    done = {(r["arm"], r["sparsity"], r["seed"]) for r in reused}
-    jobs = [job for job in plan(args) if job not in done]
-    runs = [r for r in reused if (r["arm"], r["sparsity"], r["seed"]) in set(plan(args))]
-    print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
-    context = multiprocessing.get_context("spawn")
-    data = load_mnist(args.image_size)
-    with concurrent.futures.ProcessPoolExecutor(
-        args.workers, mp_context=context, initializer=share_mnist, initargs=(data, args.image_size)
-    ) as pool:
-        futures = [pool.submit(train_once, arm, sparsity, seed, args) for arm, sparsity, seed in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            partial = save_partial(args.out, result_name("accuracy", args.quick), vars(args), runs)
-            print(
-                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run['arm']:24s} "
-                f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
-                f"{run['final_train_loss']:.3f}, {run['active_weights']} active, empty channels "
-                f"{run['empty_channels_start']}->{run['empty_channels_end']}, {run['updates']} updates, "
-                f"{run['train_seconds']:.0f} s",
-                flush=True,
-            )
+    runs, data, partial = common.train_in_pool(
+        train_once,
+        plan(args),
+        args,
+        common.result_name("accuracy", args.quick),
+        label="arm",
+        details=lambda run: (
+            f"empty channels {run['empty_channels_start']}->{run['empty_channels_end']}, {run['updates']} updates, "
+            f"{run['train_seconds']:.0f} s"
+        ),
+    )
     runs.sort(key=lambda r: (r["seed"], r["arm"], r["sparsity"] or 0.0))
     summary = cells(runs)
     decided = verdicts(summary, extreme, args.ablations)
@@ -446,9 +344,9 @@ def main() -> None:
     steps, per_epoch = runs[0]["steps"], runs[0]["steps"] // args.epochs
     data_text = data.description
     model_text = f"CifarResNet(BasicBlock, {tuple(args.blocks)}, width={args.width}, in_channels=1)"
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = common.plain_settings(vars(args))
     settings.update(model=model_text, data=data_text, steps=steps)
-    name = result_name("accuracy", args.quick)
+    name = common.result_name("accuracy", args.quick)
     lines = [
         f"# Accuracy vs sparsity{' (QUICK setting: few seeds and steps; not the headline)' if args.quick else ''}",
         "",
@@ -489,7 +387,9 @@ def main() -> None:
             versus = (
                 ""
                 if arm == "static" or static is None
-                else format_difference(paired_difference(cell["accuracy_by_seed"], static["accuracy_by_seed"]))
+                else common.format_difference(
+                    common.paired_difference(cell["accuracy_by_seed"], static["accuracy_by_seed"])
+                )
             )
             rows.append(
                 [
@@ -507,7 +407,7 @@ def main() -> None:
             )
         regime = "extreme" if sparsity == extreme else "moderate"
         lines += [f"## Sparsity {sparsity} ({regime})", ""]
-        lines += markdown_table(
+        lines += common.markdown_table(
             [
                 "method",
                 "active w",
@@ -541,13 +441,15 @@ def main() -> None:
                     LABELS[arm],
                     f"{cell['active_weights']:,}",
                     f"{cell['mean']:.1f} ± {cell['std']:.1f}",
-                    format_difference(paired_difference(full["accuracy_by_seed"], cell["accuracy_by_seed"])),
+                    common.format_difference(
+                        common.paired_difference(full["accuracy_by_seed"], cell["accuracy_by_seed"])
+                    ),
                     f"{cell['empty_channels_end']:.0f}",
                     f"{cell['final_train_loss']:.3f}",
                 ]
             )
         lines += [f"## EAST ablation at sparsity {extreme}", ""]
-        lines += markdown_table(
+        lines += common.markdown_table(
             ["arm", "active w", "test acc (%)", "full − arm (points)", "empty channels (end)", "loss"], rows
         )
         lines.append("")
@@ -557,7 +459,7 @@ def main() -> None:
         lines.append(
             f"**(a) At sparsity {extreme}, RigL and the EAST stack are no worse than the static mask: "
             f"{a['status'].upper()}.** "
-            + "; ".join(f"{arm} − static {format_difference(d)}" for arm, d in a["differences"].items())
+            + "; ".join(f"{arm} − static {common.format_difference(d)}" for arm, d in a["differences"].items())
             + "."
             + (" Why, measured: " + "; ".join(a["why"]) + "." if a["why"] else "")
         )
@@ -568,7 +470,8 @@ def main() -> None:
         lines.append(
             f"**(b) The full EAST stack is at least as good as each ablation: {b['status'].upper()}.** "
             + "; ".join(
-                f"full − {arm.removeprefix('east_')} {format_difference(d)}" for arm, d in b["differences"].items()
+                f"full − {arm.removeprefix('east_')} {common.format_difference(d)}"
+                for arm, d in b["differences"].items()
             )
             + "."
             + (" Why, measured: " + "; ".join(b["why"]) + "." if b["why"] else "")
@@ -580,21 +483,7 @@ def main() -> None:
         '"No worse" / "at least as good": the 95% t-interval of the mean per-seed difference is not '
         "wholly below 0; with few seeds this is a weak test, so read the intervals too.",
     ]
-    write_results(
-        args.out,
-        name,
-        {
-            "quick": args.quick,
-            "settings": settings,
-            "runs": runs,
-            "summary": summary,
-            "verdicts": decided,
-            "total_seconds": total_seconds,
-        },
-        lines,
-    )
-
-    figure, (left, right) = new_figure(12.0, 4.5, columns=2)
+    figure, (left, right) = common.new_figure(12.0, 4.5, columns=2)
     positions = list(range(len(args.sparsities)))
     for arm in args.methods:
         if arm == "dense":
@@ -626,10 +515,14 @@ def main() -> None:
     right.set_xticks(range(len(arms)), [a.replace("east_no_", "east -") for a in arms], rotation=30, fontsize=8)
     right.set_ylabel("test accuracy (%)")
     right.set_title(f"Extreme column {extreme}: static, RigL, EAST and its ablation")
-    save_figure(figure, args.out, name)
-    if jobs:
-        partial.unlink()
-    print("\n".join(lines))
+    common.finish_training(
+        args,
+        name,
+        {"settings": settings, "runs": runs, "summary": summary, "verdicts": decided, "total_seconds": total_seconds},
+        lines,
+        figure,
+        partial,
+    )
 
 
 if __name__ == "__main__":

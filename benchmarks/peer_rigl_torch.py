@@ -32,47 +32,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    RESULTS,
-    CosineClassifier,
-    ShuffledBatches,
-    build_net,
-    empty_output_channels,
-    evaluate,
-    final_train_loss,
-    fit_lightning,
-    format_difference,
-    load_mnist,
-    make_optimizer,
-    markdown_table,
-    mean_std,
-    mnist,
-    new_figure,
-    output_channels,
-    paired_difference,
-    result_name,
-    reusable_runs,
-    save_figure,
-    save_partial,
-    share_mnist,
-    write_results,
-)
+import _common as common  # noqa: E402
 
-from lightning_sparse.callbacks import DynamicReallocation, MaskInit  # noqa: E402
+from lightning_sparse.callbacks import DynamicReallocation  # noqa: E402
 
 PIP_COMMAND = "pip install --no-deps rigl-torch==0.5.2"
 KINDS = ("peer_rigl", "ours_rigl")
@@ -96,20 +68,11 @@ def sparse_convs(net: nn.Module) -> dict[str, torch.Tensor]:
 
 def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One training run of ``kind`` (see the module docstring)."""
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data, loader, per_epoch, steps = common.start_run(args, seed)
     peer, _ = import_peer()
-    data = mnist(args.image_size)
-    L.seed_everything(seed, verbose=False)
-    loader = ShuffledBatches(data.x_train, data.y_train, args.batch_size, seed=seed)
-    per_epoch = min(len(loader), args.batches) if args.batches else len(loader)
-    steps = args.epochs * per_epoch
-    net = build_net(args.width, args.blocks)
+    net = common.build_net(args.width, args.blocks)
     if kind.startswith("peer"):
-        optimizer, lr_schedule = make_optimizer(net.parameters(), args.lr, steps)
+        optimizer, lr_schedule = common.make_optimizer(net.parameters(), args.lr, steps)
         scheduler = peer(
             net,
             optimizer,
@@ -141,18 +104,11 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
     else:
         floor = {"min_active_per_channel": 0} if kind == "ours_rigl_floor0" else {}
         callbacks = [
-            MaskInit(
-                sparsity=sparsity,
-                distribution="uniform",
-                exclude=DENSE_PATTERNS,
-                seed=seed,
-                log_layer_densities=False,
-                layer_report=False,
-            ),
+            common.quiet_mask_init(sparsity, seed, "uniform", exclude=DENSE_PATTERNS),
             DynamicReallocation("rigl", every_n_steps=args.period, stop_at=0.75, drop_fraction=0.3, seed=seed, **floor),
         ]
-        model = CosineClassifier(net, args.lr, steps)
-        seconds = fit_lightning(model, loader, steps, callbacks)
+        model = common.CosineClassifier(net, args.lr, steps)
+        seconds = common.fit_lightning(model, loader, steps, callbacks)
         losses = model.losses
     weights = {name: p for name, p in net.named_parameters() if p.dim() > 1}
     convs = sparse_convs(net)
@@ -160,14 +116,14 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
         "kind": kind,
         "sparsity": sparsity,
         "seed": seed,
-        "accuracy": evaluate(net, data.x_test, data.y_test),
+        "accuracy": common.evaluate(net, data.x_test, data.y_test),
         "active_weights": sum(int(p.count_nonzero()) for p in weights.values()),
         "sparse_active_weights": sum(int(p.count_nonzero()) for p in convs.values()),
-        "sparse_output_channels": output_channels(convs),
-        "empty_channels_end": empty_output_channels(convs),
+        "sparse_output_channels": common.output_channels(convs),
+        "empty_channels_end": common.empty_output_channels(convs),
         "first_layer_density": int(net.conv1.weight.count_nonzero()) / net.conv1.weight.numel(),
         "layer_densities": {n: int(p.count_nonzero()) / p.numel() for n, p in weights.items()},
-        "final_train_loss": final_train_loss(losses, per_epoch),
+        "final_train_loss": common.final_train_loss(losses, per_epoch),
         "train_seconds": seconds,
         "steps": steps,
         "step_seconds": seconds / steps,
@@ -176,41 +132,14 @@ def run(kind: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs, P = 25")
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        help="seeds of the extreme column's peer_static, peer_rigl and ours_rigl (default 5; --quick: 2)",
+    common.add_training_arguments(
+        parser,
+        quick="2 seeds, 1 epoch, P = 25",
+        seeds="seeds of the extreme column's peer_static, peer_rigl and ours_rigl (default 5; --quick: 2)",
+        other_seeds="seeds of the other columns and of ours_rigl_floor0 (default 2; --quick: 1)",
+        period="RigL's update period in steps (default 40; --quick: 25)",
+        sparsities="columns; the highest is the extreme column",
     )
-    parser.add_argument(
-        "--other-seeds",
-        type=int,
-        default=None,
-        help="seeds of the other columns and of ours_rigl_floor0 (default 2; --quick: 1)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="passes over the 4,000 training images (default 3 = 375 steps; --quick: 1)",
-    )
-    parser.add_argument("--batches", type=int, default=None, help="train batches per epoch (default: all; smoke test)")
-    parser.add_argument(
-        "--period", type=int, default=None, help="RigL's update period in steps (default 40; --quick: 25)"
-    )
-    parser.add_argument(
-        "--sparsities", type=float, nargs="+", default=[0.9, 0.99], help="columns; the highest is the extreme column"
-    )
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--blocks", type=int, nargs=4, default=[3, 3, 3, 3])
-    parser.add_argument("--image-size", type=int, default=14, choices=[7, 14, 28])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
     parser.add_argument(
         "--kinds",
         nargs="+",
@@ -218,20 +147,8 @@ def main() -> None:
         choices=[*KINDS, *EXTREME_KINDS],
         help="runs to train (the last two at the extreme column only)",
     )
-    parser.add_argument(
-        "--reuse",
-        type=Path,
-        default=None,
-        help="take the runs of an earlier results JSON with the "
-        "same schedule instead of training them again (a benchmark run in parts)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.seeds = args.seeds or (2 if args.quick else 5)
-    args.other_seeds = min(args.seeds, args.other_seeds or (1 if args.quick else 2))
-    args.epochs = args.epochs or (1 if args.quick else 3)
-    args.period = args.period or (25 if args.quick else 40)
-    args.sparsities = sorted(args.sparsities)
+    common.resolve_training_defaults(args, other_seeds=1 if args.quick else 2)
     extreme = args.sparsities[-1]
     started = time.perf_counter()
     peer, why_not = import_peer()
@@ -247,39 +164,21 @@ def main() -> None:
                 for kind in kinds
                 if kind in args.kinds and (peer is not None or not kind.startswith("peer"))
             ]
-    reused = reusable_runs(
-        args.reuse, vars(args), ["epochs", "batches", "period", "width", "blocks", "image_size", "batch_size", "lr"]
+    runs, data, partial = common.train_in_pool(
+        run,
+        planned,
+        args,
+        common.result_name("peer_rigl_torch", args.quick),
+        label="kind",
+        details=lambda r: f"{r['empty_channels_end']} empty channels, {r['step_seconds'] * 1e3:.0f} ms/step",
     )
-    runs = [r for r in reused if (r["kind"], r["sparsity"], r["seed"]) in set(planned)]
-    done = {(r["kind"], r["sparsity"], r["seed"]) for r in runs}
-    jobs = [job for job in planned if job not in done]
-    print(f"{len(jobs)} runs to train, {len(runs)} reused, {args.workers} worker(s)", flush=True)
-    data = load_mnist(args.image_size)
-    with concurrent.futures.ProcessPoolExecutor(
-        args.workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=share_mnist,
-        initargs=(data, args.image_size),
-    ) as pool:
-        futures = [pool.submit(run, kind, sparsity, seed, args) for kind, sparsity, seed in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            runs.append(future.result())
-            r = runs[-1]
-            partial = save_partial(args.out, result_name("peer_rigl_torch", args.quick), vars(args), runs)
-            print(
-                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {r['kind']:16s} "
-                f"sparsity={r['sparsity']} seed={r['seed']}: {r['accuracy']:.1f}% loss {r['final_train_loss']:.3f}, "
-                f"{r['active_weights']} active, {r['empty_channels_end']} empty channels, "
-                f"{r['step_seconds'] * 1e3:.0f} ms/step",
-                flush=True,
-            )
     runs.sort(key=lambda r: (r["seed"], r["sparsity"], r["kind"]))
     summary: dict[str, dict[str, Any]] = {}
     for run_ in runs:
         summary.setdefault(f"{run_['kind']}@{run_['sparsity']}", {"runs": []})["runs"].append(run_)
     for cell in summary.values():
         group = cell.pop("runs")
-        cell["mean"], cell["std"] = mean_std([r["accuracy"] for r in group])
+        cell["mean"], cell["std"] = common.mean_std([r["accuracy"] for r in group])
         cell["accuracy_by_seed"] = {r["seed"]: r["accuracy"] for r in group}
         for key in (
             "active_weights",
@@ -303,13 +202,13 @@ def main() -> None:
         ]
         for a, b in pairs:
             if f"{a}@{sparsity}" in summary and f"{b}@{sparsity}" in summary:
-                comparisons[f"{a} - {b} @ {sparsity}"] = paired_difference(
+                comparisons[f"{a} - {b} @ {sparsity}"] = common.paired_difference(
                     summary[f"{a}@{sparsity}"]["accuracy_by_seed"], summary[f"{b}@{sparsity}"]["accuracy_by_seed"]
                 )
     total_seconds = time.perf_counter() - started
 
-    name = result_name("peer_rigl_torch", args.quick)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    name = common.result_name("peer_rigl_torch", args.quick)
+    settings = common.plain_settings(vars(args))
     settings["model"] = f"CifarResNet(BasicBlock, {tuple(args.blocks)}, width={args.width}, in_channels=1)"
     settings["data"] = data.description
     steps = runs[0]["steps"]
@@ -350,7 +249,7 @@ def main() -> None:
                 cell["seeds"],
             ]
         )
-    lines += markdown_table(
+    lines += common.markdown_table(
         [
             "run",
             "sparsity",
@@ -366,33 +265,26 @@ def main() -> None:
         rows,
     )
     lines += ["", "Paired differences (points; mean ± std [95% t-interval] seeds above/equal/below):", ""]
-    lines += markdown_table(["comparison", "difference"], [[k, format_difference(d)] for k, d in comparisons.items()])
-    write_results(
-        args.out,
-        name,
-        {
-            "quick": args.quick,
-            "settings": settings,
-            "peer_available": peer is not None,
-            "peer_unavailable_reason": why_not,
-            "pip_command": PIP_COMMAND,
-            "runs": runs,
-            "summary": summary,
-            "paired_differences": comparisons,
-            "total_seconds": total_seconds,
-        },
-        lines,
+    lines += common.markdown_table(
+        ["comparison", "difference"], [[k, common.format_difference(d)] for k, d in comparisons.items()]
     )
-    figure, axes = new_figure(9.0, 4.0)
+    figure, axes = common.new_figure(9.0, 4.0)
     keys = list(summary)
     axes.bar(range(len(keys)), [summary[k]["mean"] for k in keys], yerr=[summary[k]["std"] for k in keys], capsize=3)
     axes.set_xticks(range(len(keys)), keys, rotation=30, fontsize=8)
     axes.set_ylabel("test accuracy (%)")
     axes.set_title("RigL: rigl-torch vs lightning-sparse" + (" (quick)" if args.quick else ""))
-    save_figure(figure, args.out, name)
-    if jobs:
-        partial.unlink()
-    print("\n".join(lines))
+    results = {
+        "settings": settings,
+        "peer_available": peer is not None,
+        "peer_unavailable_reason": why_not,
+        "pip_command": PIP_COMMAND,
+        "runs": runs,
+        "summary": summary,
+        "paired_differences": comparisons,
+        "total_seconds": total_seconds,
+    }
+    common.finish_training(args, name, results, lines, figure, partial)
 
 
 if __name__ == "__main__":

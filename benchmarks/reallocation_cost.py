@@ -28,6 +28,7 @@ import json
 import math
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +63,44 @@ def make_tensors(
     return weights, masks
 
 
+def add_problem_arguments(parser: argparse.ArgumentParser, *, quick: str, prune_fraction: str) -> None:
+    """The flags of the update-cost benchmarks (this one and ``topology_cost.py``), with their help texts."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--prune-fraction", type=float, default=0.1, help=prune_fraction)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+@dataclass
+class UpdateProblem:
+    """The masked tensors an update-cost benchmark times, and what it prunes."""
+
+    shapes: list[tuple[int, ...]]
+    repeats: int
+    weights: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    active: int
+    num_prune: int
+    threshold: float
+    """DSR's H that prunes about ``num_prune`` (what its adaptation converges to), found once and not timed."""
+
+
+def update_problem(args: argparse.Namespace) -> UpdateProblem:
+    """Set ``--threads`` and build the tensors: three small ones with ``--quick`` (2 repeats), else ResNet-50's
+    shapes (``--repeats``), at ``--density``; Np = ``--prune-fraction`` x the active weights."""
+    torch.set_num_threads(args.threads)
+    shapes = [(64, 32, 3, 3), (128, 64, 3, 3), (10, 128)] if args.quick else resnet50_weight_shapes()
+    weights, masks = make_tensors(shapes, args.density, seed=0)
+    active = int(sum(int(m.sum()) for m in masks))
+    num_prune = max(1, round(args.prune_fraction * active))
+    active_magnitudes = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
+    threshold = float(torch.kthvalue(active_magnitudes, num_prune).values) * (1 + 1e-6)
+    repeats = 2 if args.quick else args.repeats
+    return UpdateProblem(shapes, repeats, weights, masks, active, num_prune, threshold)
+
+
 def topk_update(
     weights: list[torch.Tensor], masks: list[torch.Tensor], num_prune: int, generator: torch.Generator, use_sort: bool
 ) -> list[torch.Tensor]:
@@ -83,23 +122,13 @@ def topk_update(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few small tensors (smoke test)")
-    parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--prune-fraction", type=float, default=0.1, help="Np as a fraction of the active weights")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_problem_arguments(
+        parser, quick="a few small tensors (smoke test)", prune_fraction="Np as a fraction of the active weights"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    shapes = [(64, 32, 3, 3), (128, 64, 3, 3), (10, 128)] if args.quick else resnet50_weight_shapes()
-    repeats = 2 if args.quick else args.repeats
-    weights, masks = make_tensors(shapes, args.density, seed=0)
-    active = int(sum(m.sum() for m in masks))
-    num_prune = max(1, round(args.prune_fraction * active))
-    # H that prunes about Np (what DSR's adaptation converges to), found once and not timed.
-    active_magnitudes = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
-    threshold = float(torch.kthvalue(active_magnitudes, num_prune).values) * (1 + 1e-6)
+    problem = update_problem(args)
+    shapes, repeats, weights, masks = problem.shapes, problem.repeats, problem.weights, problem.masks
+    active, num_prune, threshold = problem.active, problem.num_prune, problem.threshold
 
     def dsr() -> object:
         return dsr_reallocate(weights, masks, threshold, num_prune, 0.1, torch.Generator().manual_seed(0))

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, median_time, new_figure, result_name, save_figure, write_results  # noqa: E402
-from reallocation_cost import make_tensors, resnet50_weight_shapes, topk_update  # noqa: E402
+from _common import markdown_table, median_time, new_figure, result_name, save_figure, write_results  # noqa: E402
+from reallocation_cost import add_problem_arguments, topk_update, update_problem  # noqa: E402
 
 from lightning_sparse.functional.criteria import rigl_update, set_update  # noqa: E402
 from lightning_sparse.functional.dsr import dsr_reallocate  # noqa: E402
@@ -53,24 +53,16 @@ UPDATES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="three small tensors (smoke test)")
-    parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--prune-fraction", type=float, default=0.1, help="fraction of the active weights replaced")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_problem_arguments(
+        parser, quick="three small tensors (smoke test)", prune_fraction="fraction of the active weights replaced"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    shapes = [(64, 32, 3, 3), (128, 64, 3, 3), (10, 128)] if args.quick else resnet50_weight_shapes()
-    repeats = 2 if args.quick else args.repeats
-    weights, masks = make_tensors(shapes, args.density, seed=0)
+    problem = update_problem(args)
+    shapes, repeats, weights, masks = problem.shapes, problem.repeats, problem.weights, problem.masks
+    active, num_prune, threshold = problem.active, problem.num_prune, problem.threshold
     generator = torch.Generator().manual_seed(1)
     grads = [torch.randn(w.shape, generator=generator) for w in weights]
-    active = int(sum(int(m.sum()) for m in masks))
-    num_prune = max(1, round(args.prune_fraction * active))
-    active_magnitudes = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
-    threshold = float(torch.kthvalue(active_magnitudes, num_prune).values) * (1 + 1e-6)
 
     functions = {
         "dsr": lambda: dsr_reallocate(weights, masks, threshold, num_prune, 0.1, torch.Generator().manual_seed(0)),
