@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -131,3 +134,20 @@ def masked_positions_are_zero(module: nn.Module, masks: Any, optimizers: list[to
                     if value[~mask].abs().max().item() != 0.0:
                         failures.append(f"state {key} of {name}")
     return failures
+
+
+def tensorboard_events(log_dir: Any) -> Any:
+    """Every event (scalars, images, tensors) a TensorBoard run wrote to ``log_dir``, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """Import a script (a benchmark or an example) from its file, as module ``name`` (default: its stem)."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

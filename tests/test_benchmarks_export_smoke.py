@@ -1,15 +1,13 @@
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.helpers import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "export_size.py"
 
 
 def test_export_size_quick_writes_json_and_markdown(tmp_path):
-    spec = importlib.util.spec_from_file_location("export_size", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--quick", "--out", str(tmp_path)])
+    rows = load_script(BENCHMARK).main(["--quick", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "export_size_quick.json").read_text())
     assert [row["sparsity"] for row in payload["rows"]] == [0.9, 0.99, 0.999]
     assert payload["rows"] == rows

@@ -1,17 +1,14 @@
-import importlib.util
 import json
 from pathlib import Path
 
 from lightning_sparse.functional.sparse_conv import numba_available
+from tests.helpers import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
 
 
 def test_inference_quick_writes_json_markdown_png(tmp_path):
-    spec = importlib.util.spec_from_file_location("inference_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--quick", "--out", str(tmp_path)])
+    rows = load_script(BENCHMARK, "inference_benchmark").main(["--quick", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "inference_quick.json").read_text())
     assert payload["rows"] == rows and "shared the 2 cores" in payload["note"]
     assert [(row["batch"], row["sparsity"]) for row in rows] == [(1, 0.99), (8, 0.99)]

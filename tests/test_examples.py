@@ -1,6 +1,5 @@
 """The scripts in ``examples/``, run in-process on tiny settings."""
 
-import importlib.util
 from pathlib import Path
 
 import lightning as L
@@ -12,16 +11,13 @@ from torchvision.io import decode_png, read_file
 from lightning_sparse import MaskInit
 from lightning_sparse.callbacks._sparsity_logging import render_density_heatmap
 from lightning_sparse.export import load_sparse
-from tests.helpers import Classifier, random_loader, trainer_kwargs
+from tests.helpers import Classifier, load_script, random_loader, trainer_kwargs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def test_density_heatmap_png_renders_the_checkpointed_history(tmp_path):

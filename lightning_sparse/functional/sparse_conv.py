@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,10 @@ def _require_numba() -> Any:
 
 
 def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, span, rows, out_row, in_row):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """Numba body: for each (sample block, output channel), accumulate ``value x window`` over its taps."""
+    """Numba body: for each (sample block, output channel), accumulate ``value x window`` over its taps.
+
+    Compiled with ``parallel=True``, and without it as :data:`_taps_serial` (``prange`` is then ``range``).
+    """
     channels = rowptr.shape[0] - 1
     for task in _prange(outer * channels):
         sample = task // channels
@@ -109,38 +113,23 @@ def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, sp
             out[target + r * out_row : target + (r + 1) * out_row] = acc[r * in_row : r * in_row + out_row]
 
 
-def _taps_serial(x, rowptr, offsets, values, bias, out, outer, sample_size, span, rows, out_row, in_row):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """:func:`_taps_parallel` without the thread pool (one thread: no hand-off to a worker thread per call)."""
-    channels = rowptr.shape[0] - 1
-    for task in range(outer * channels):
-        sample = task // channels
-        o = task - sample * channels
-        acc = np.empty(span, dtype=np.float32)
-        b = bias[o]
-        for p in range(span):
-            acc[p] = b
-        first = sample * sample_size
-        begin = rowptr[o]
-        end = rowptr[o + 1]
-        k = begin
-        while k + 4 <= end:
-            w0 = x[first + offsets[k] : first + offsets[k] + span]
-            w1 = x[first + offsets[k + 1] : first + offsets[k + 1] + span]
-            w2 = x[first + offsets[k + 2] : first + offsets[k + 2] + span]
-            w3 = x[first + offsets[k + 3] : first + offsets[k + 3] + span]
-            v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-            for p in range(span):
-                acc[p] += v0 * w0[p] + v1 * w1[p] + v2 * w2[p] + v3 * w3[p]
-            k += 4
-        while k < end:
-            v = values[k]
-            window = x[first + offsets[k] : first + offsets[k] + span]
-            for p in range(span):
-                acc[p] += v * window[p]
-            k += 1
-        target = task * rows * out_row
-        for r in range(rows):
-            out[target + r * out_row : target + (r + 1) * out_row] = acc[r * in_row : r * in_row + out_row]
+def _named_copy(function: Any, name: str) -> Any:
+    """``function`` as a second function object called ``name``: the same code under another name.
+
+    numba keys its on-disk cache (``cache=True``) by the function's module and name, not by the compile options
+    (numba issue #6845), so one function compiled with and without ``parallel`` would load whichever compilation
+    was cached first. Under ``parallel=False`` numba compiles ``prange`` as ``range``: the serial copy's machine code
+    is that of a separate serial body (compared instruction by instruction with numba's ``inspect_asm``).
+    """
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
+    )
+    copy.__qualname__ = name
+    return copy
+
+
+_taps_serial = _named_copy(_taps_parallel, "_taps_serial")
+"""The kernel without the thread pool (one thread: no hand-off to a worker thread per call)."""
 
 
 def _kernel(threads: int) -> Any:

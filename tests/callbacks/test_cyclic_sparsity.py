@@ -11,13 +11,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_sparse.callbacks.cyclic_sparsity import CyclicSparsitySchedule
 from lightning_sparse.callbacks.mask_init import MaskInit
 from lightning_sparse.functional.distributions import layer_densities
 from lightning_sparse.masks import MaskOwner, SparseMasks
-from tests.helpers import Classifier, random_loader, trainer_kwargs
+from tests.helpers import Classifier, random_loader, tensorboard_events, trainer_kwargs
 
 
 class LayerCountProbe(Callback):
@@ -115,27 +115,48 @@ def _step(cyclic: CyclicSparsitySchedule, trainer: Any, layer: nn.Linear, step: 
     cyclic._update(trainer, layer)  # what MaskInit calls before masking the gradients
 
 
+_CYCLE_GRADIENTS = {
+    1: [9.0, 0.1, 0.3, 9.0, 0.2, -0.4, -0.9, 0.5],
+    2: [0.0, 0.1, -0.7, 0.0, 0.2, 0.3, 5.0, 0.8],
+    3: [0.0] * 8,
+    4: [0.0] * 8,
+}
+
+
+def _active(masks: SparseMasks) -> list[int]:
+    return masks["weight"].flatten().nonzero().flatten().tolist()
+
+
+def _run_cycle(cyclic: CyclicSparsitySchedule, trainer: Any, layer: nn.Linear) -> tuple[list[list[int]], list[Tensor]]:
+    """Steps 1 to 4 of the one-layer cycle (targets 3, 4, 3, then the budget 2) with :data:`_CYCLE_GRADIENTS`;
+    weight 7 is set to 0.05 before step 3. Returns the active positions and the weights after each step."""
+    masks = cyclic._masks()
+    active, weights = [], []
+    for step, grad in _CYCLE_GRADIENTS.items():
+        if step == 3:
+            with torch.no_grad():
+                layer.weight.view(-1)[7] = 0.05
+        _step(cyclic, trainer, layer, step, grad)
+        active.append(_active(masks))
+        weights.append(layer.weight.detach().flatten().clone())
+    return active, weights
+
+
 def test_grows_by_gradient_magnitude_and_prunes_by_weight_magnitude_by_hand() -> None:
     cyclic, trainer, layer, masks = _one_layer_setup()
     assert cyclic.budget == 2 and cyclic.cycle_steps == [4] and cyclic.holds_budget
-    active = lambda: masks["weight"].flatten().nonzero().flatten().tolist()  # noqa: E731
+    active, weights = _run_cycle(cyclic, trainer, layer)
     # Step 1: p = 1/4, target 2 x 1.5 = 3: grow the inactive position with the largest |grad| (index 6).
-    _step(cyclic, trainer, layer, 1, [9.0, 0.1, 0.3, 9.0, 0.2, -0.4, -0.9, 0.5])
-    assert active() == [0, 3, 6] and layer.weight.view(-1)[6] == 0.0
+    assert active[0] == [0, 3, 6] and weights[0][6] == 0.0
     # Step 2: p = 1/2, target 4: grow index 7 (|0.8| beats |-0.7|).
-    _step(cyclic, trainer, layer, 2, [0.0, 0.1, -0.7, 0.0, 0.2, 0.3, 5.0, 0.8])
-    assert active() == [0, 3, 6, 7]
+    assert active[1] == [0, 3, 6, 7]
     # Step 3: p = 3/4, target 3: prune the smallest |w| among the active (the grown weights are still 0: index 6).
-    with torch.no_grad():
-        layer.weight.view(-1)[7] = 0.05
-    _step(cyclic, trainer, layer, 3, [0.0] * 8)
-    assert active() == [0, 3, 7]
+    assert active[2] == [0, 3, 7]
     # Step 4: the cycle is over: back to exactly the budget (prune |0.05|), and the hold ends.
-    _step(cyclic, trainer, layer, 4, [0.0] * 8)
-    assert active() == [0, 3] and cyclic.finished and not cyclic.holds_budget
+    assert active[3] == [0, 3] and cyclic.finished and not cyclic.holds_budget
     # Afterwards the schedule never changes the masks.
     _step(cyclic, trainer, layer, 5, [1.0] * 8)
-    assert active() == [0, 3] and cyclic.num_updates == 4
+    assert _active(masks) == [0, 3] and cyclic.num_updates == 4
 
 
 def test_channel_floor_keeps_a_channels_last_weight_when_pruning_back_to_the_budget() -> None:
@@ -144,22 +165,17 @@ def test_channel_floor_keeps_a_channels_last_weight_when_pruning_back_to_the_bud
     Output channel 0 is positions 0-3, channel 1 is 4-7."""
     cyclic, trainer, layer, masks = _one_layer_setup(min_active_per_channel=1)
     assert cyclic.growth_rule == "channel_normalized"
-    active = lambda: masks["weight"].flatten().nonzero().flatten().tolist()  # noqa: E731
+    active, _ = _run_cycle(cyclic, trainer, layer)
     # Step 1: scores |g| / channel mean over candidates: channel 0 (1, 2): 0.5, 1.5; channel 1 (4-7, mean 0.5):
     # 0.4, 0.8, 1.8, 1.0 -> grow 6.
-    _step(cyclic, trainer, layer, 1, [9.0, 0.1, 0.3, 9.0, 0.2, -0.4, -0.9, 0.5])
-    assert active() == [0, 3, 6]
+    assert active[0] == [0, 3, 6]
     # Step 2: channel 0 (1, 2; mean 0.4): 0.25, 1.75; channel 1 (4, 5, 7; mean 0.433): 0.46, 0.69, 1.85 -> grow 7.
-    _step(cyclic, trainer, layer, 2, [0.0, 0.1, -0.7, 0.0, 0.2, 0.3, 5.0, 0.8])
-    assert active() == [0, 3, 6, 7]
-    with torch.no_grad():
-        layer.weight.view(-1)[7] = 0.05
-    # Step 3: target 3: each channel's largest weight (0 and 7) is protected; drop the smallest other, 6 (|0|).
-    _step(cyclic, trainer, layer, 3, [0.0] * 8)
-    assert active() == [0, 3, 7]
+    assert active[1] == [0, 3, 6, 7]
+    # Step 3 (weight 7 now 0.05): target 3: each channel's largest weight (0 and 7) is protected; drop the smallest
+    # other, 6 (|0|).
+    assert active[2] == [0, 3, 7]
     # Step 4: back to the budget, 2: without the floor 7 (|0.05|) would go and empty channel 1; 3 (|-0.2|) goes.
-    _step(cyclic, trainer, layer, 4, [0.0] * 8)
-    assert active() == [0, 7] and cyclic.finished
+    assert active[3] == [0, 7] and cyclic.finished
 
 
 def test_update_with_non_finite_gradients_is_skipped_and_counted() -> None:
@@ -191,14 +207,11 @@ def test_holds_the_mask_budget_during_the_cycles_and_releases_it_after() -> None
 
 
 def test_int_cycle_length_is_epochs_and_curves_go_to_tensorboard(tmp_path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     cyclic = CyclicSparsitySchedule(cycles=2, cycle_length=1, length_multiplier=0.5, every_n_steps=2)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     _fit([MaskInit(sparsity=0.8, seed=0), cyclic], tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1)
     assert cyclic.cycle_steps == [8, 4]  # 8 steps per epoch; the second cycle is half as long
-    events = EventAccumulator(logger.log_dir)
-    events.Reload()
+    events = tensorboard_events(logger.log_dir)
     tags = set(events.Tags()["scalars"])
     assert {"cyclic/target_density", "cyclic/realised_density", "cyclic/multiplier"} <= tags
     targets = [event.value for event in events.Scalars("cyclic/target_density")]

@@ -1,4 +1,3 @@
-import glob
 import math
 
 import lightning as L
@@ -10,7 +9,14 @@ from lightning_sparse.callbacks import DynamicReallocation, MaskInit
 from lightning_sparse.functional.dsr import adapt_threshold
 from lightning_sparse.masks import find_mask_owner
 from lightning_sparse.schedules import SteppedPeriod
-from tests.helpers import Classifier, TinyCNN, masked_positions_are_zero, random_loader, trainer_kwargs
+from tests.helpers import (
+    Classifier,
+    TinyCNN,
+    masked_positions_are_zero,
+    random_loader,
+    tensorboard_events,
+    trainer_kwargs,
+)
 
 # 64 samples in batches of 8: 8 optimizer steps per epoch.
 STEPS_PER_EPOCH = 8
@@ -302,15 +308,12 @@ def test_rigl_leaves_a_tensor_without_gradient_unchanged(tmp_path):
 
 def test_reallocation_curves_reach_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     _, _, _, realloc, _ = _fit(
         tmp_path, "dsr", every_n_steps=2, stop_at=1.0, logger=logger, log_every_n_steps=1
     )
-    (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.out.tfevents.*"))
-    accumulator = EventAccumulator(event_file)
-    accumulator.Reload()
+    accumulator = tensorboard_events(logger.log_dir)
     tags = set(accumulator.Tags()["scalars"])
     expected = {
         "reallocation/threshold",

@@ -1,4 +1,3 @@
-import glob
 import math
 
 import lightning as L
@@ -8,7 +7,7 @@ from torch import nn
 
 from lightning_sparse import MaskInit
 from lightning_sparse.functional.distributions import active_counts, layer_densities
-from tests.helpers import Classifier, masked_positions_are_zero, random_loader, trainer_kwargs
+from tests.helpers import Classifier, masked_positions_are_zero, random_loader, tensorboard_events, trainer_kwargs
 
 
 def _fit(tmp_path, module=None, callbacks=None, loader=None, **trainer_overrides):
@@ -226,7 +225,6 @@ def test_model_errors_come_before_the_first_step(tmp_path, module, mask_init, me
 
 def test_sparsity_curves_reach_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     mask_init = MaskInit(sparsity=0.9, seed=0)
     logger = TensorBoardLogger(tmp_path, name="tb")
@@ -234,9 +232,7 @@ def test_sparsity_curves_reach_tensorboard(tmp_path):
         callbacks=[mask_init], **trainer_kwargs(tmp_path, logger=logger, max_epochs=2, log_every_n_steps=1)
     )
     trainer.fit(Classifier(), random_loader())
-    (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.out.tfevents.*"))
-    accumulator = EventAccumulator(event_file)
-    accumulator.Reload()
+    accumulator = tensorboard_events(logger.log_dir)
     tags = set(accumulator.Tags()["scalars"])
     expected = {
         "sparsity/global",

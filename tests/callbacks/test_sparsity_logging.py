@@ -25,7 +25,7 @@ from lightning_sparse.callbacks._sparsity_logging import (
 )
 from lightning_sparse.callbacks.weight_sharing import WeightSharing
 from tests.callbacks.test_east_stack import TinyResNet
-from tests.helpers import Classifier, TinyCNN, random_loader, trainer_kwargs
+from tests.helpers import Classifier, TinyCNN, random_loader, tensorboard_events, trainer_kwargs
 
 PURPLE = [68, 1, 84]
 YELLOW = [253, 231, 37]
@@ -103,19 +103,13 @@ def test_layer_table_lists_shape_active_density_and_empty_channels():
     assert lines[-1].split() == ["total", "5", "14", f"{5 / 14:.4f}", "2/5"]
 
 
-def _events(log_dir) -> EventAccumulator:
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
 def test_heatmap_image_and_layer_table_reach_tensorboard_and_console(tmp_path, caplog):
     logger = TensorBoardLogger(tmp_path, name="run")
     mask_init = MaskInit(sparsity=0.8, seed=0)
     trainer = L.Trainer(callbacks=[mask_init], **trainer_kwargs(tmp_path, max_epochs=2, logger=logger))
     with caplog.at_level(logging.INFO):
         trainer.fit(Classifier(), random_loader())
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     assert DENSITY_HEATMAP_TAG in events.Tags()["images"]
     images = events.Images(DENSITY_HEATMAP_TAG)
     assert len(images) == 2  # one per epoch end
@@ -141,7 +135,7 @@ def test_layer_report_false_records_nothing(tmp_path):
     mask_init = MaskInit(sparsity=0.8, seed=0, layer_report=False)
     L.Trainer(callbacks=[mask_init], **trainer_kwargs(tmp_path, logger=logger)).fit(Classifier(), random_loader())
     assert len(mask_init.density_history) == 0
-    assert DENSITY_HEATMAP_TAG not in _events(logger.log_dir).Tags()["images"]
+    assert DENSITY_HEATMAP_TAG not in tensorboard_events(logger.log_dir).Tags()["images"]
 
 
 def test_resumed_run_continues_the_picture(tmp_path):
@@ -187,7 +181,7 @@ def test_without_matplotlib_the_plain_picture_and_a_legend_are_written(tmp_path,
     logger = TensorBoardLogger(tmp_path, name="run")
     mask_init = MaskInit(sparsity=0.8, seed=0)
     L.Trainer(callbacks=[mask_init], **trainer_kwargs(tmp_path, logger=logger)).fit(Classifier(), random_loader())
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     image = events.Images(DENSITY_HEATMAP_TAG)[-1]
     assert (image.height, image.width) == (8 * len(mask_init.masks), 1 * 32 + 6)
     assert DENSITY_HEATMAP_TAG + "/legend/text_summary" in events.Tags()["tensors"]
@@ -207,7 +201,7 @@ def test_custom_scalars_layout_charts_the_logged_tags(tmp_path):
     mask_init = MaskInit(sparsity=0.8, seed=0)
     trainer = L.Trainer(callbacks=[mask_init], **trainer_kwargs(tmp_path, max_epochs=2, logger=logger))
     trainer.fit(Classifier(), random_loader())
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     config = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(config)
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
@@ -247,7 +241,7 @@ def test_weight_sharing_shows_requested_real_and_effective_and_states_the_budget
     assert f"requested 99.9000%, real {real:.4%}" in start[0] and f"effective {effective:.4%}" in start[0]
     unshared = sum(masks.numel(name) * masks.uses[name] for name in masks)
     assert "budget rule" in start[1] and f"(1 - 0.999) x the unshared model's {unshared:,} weights" in start[1]
-    events = _events(logger.log_dir)
+    events = tensorboard_events(logger.log_dir)
     # Logged at the first step and at the epoch end, the three side by side; 0.999 is not the real figure here.
     assert _scalars(events, "sparsity/requested") == [pytest.approx(0.999)] * 2
     assert _scalars(events, "sparsity/global") == [pytest.approx(real)] * 2
@@ -270,7 +264,7 @@ def test_verbose_controls_the_console_and_not_the_heatmap(tmp_path, caplog, verb
         assert not table
     else:
         assert "requested 80.0000%" in messages[0] and table
-    assert DENSITY_HEATMAP_TAG in _events(logger.log_dir).Tags()["images"]
+    assert DENSITY_HEATMAP_TAG in tensorboard_events(logger.log_dir).Tags()["images"]
 
 
 def test_verbose_must_be_a_level():
@@ -325,7 +319,7 @@ def test_empty_channels_are_logged_at_fit_start_and_after_every_topology_update(
     trainer.fit(Classifier(), random_loader(n=96))
     assert reallocation.num_updates == 5 and recorder.change_steps == [0, 2, 4, 6, 8, 10]
     assert len(set(recorder.counts.values())) > 1, "the test needs a run in which the count changes"
-    events = _events(logger.log_dir).Scalars("sparsity/empty_channels")
+    events = tensorboard_events(logger.log_dir).Scalars("sparsity/empty_channels")
     logged = {event.step: event.value for event in events}
     # At every step (the first one, each update step and between them) the curve shows the masks' true count.
     assert {step: logged[step] for step in recorder.counts} == recorder.counts
