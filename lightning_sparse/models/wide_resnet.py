@@ -15,6 +15,8 @@ conv2, shortcut`` (``shortcut`` is an ``nn.Conv2d`` or ``None``). Every activati
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from lightning_sparse.models._construction import (
@@ -135,25 +137,15 @@ class WideResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def wide_resnet28(
-    width: int = 2,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    dropout: float = 0.0,
-    activation: type[nn.Module] | None = None,
-    fc_bias: bool = True,
-) -> WideResNet:
+def wide_resnet28(width: int = 2, **kwargs: Any) -> WideResNet:
     """WRN-28-k; ``width=2`` is the DSR paper's CIFAR-10 model (1,467,610 parameters, docs/algorithms.md §2b).
 
     Args:
         width: widening factor ``k``.
-        num_classes: classifier outputs.
-        in_channels: image channels.
-        dropout: dropout probability inside every block, in ``[0, 1)``.
-        activation: activation class built once per site (default ``nn.ReLU``).
-        fc_bias: whether the classifier has a bias.
+        **kwargs: the other arguments of :class:`WideResNet` (``num_classes``, ``in_channels``, ``dropout``,
+            ``activation``, ``fc_bias``), by keyword, as torchvision's model builders take them.
 
     Returns:
         The model (see :class:`WideResNet`).
     """
-    return WideResNet(28, width, num_classes, in_channels, dropout, activation, fc_bias)
+    return WideResNet(28, width, **kwargs)

@@ -17,6 +17,7 @@ from lightning_sparse.functional.sparse_conv import (
     sparse_conv2d,
     sparse_linear,
 )
+from lightning_sparse.nn._conv_geometry import copy_conv_geometry
 
 __all__ = ["SparseConv2d", "SparseLinear"]
 
@@ -51,13 +52,7 @@ class SparseConv2d(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d is built from an nn.Conv2d, got {type(conv).__name__}")
-        self.in_channels = conv.in_channels
-        self.out_channels = conv.out_channels
-        self.kernel_size = conv.kernel_size
-        self.stride = conv.stride
-        self.dilation = conv.dilation
-        self.groups = conv.groups
-        self.padding_mode = conv.padding_mode
+        copy_conv_geometry(self, conv)
         self.padding = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
         self.batch_inner = batch_inner
         self.weight_numel = conv.weight.numel()

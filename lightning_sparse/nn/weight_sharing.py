@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_sparse.nn._conv_geometry import copy_conv_geometry
+
 __all__ = [
     "SharedConv2d",
     "WeightSharingReport",
@@ -63,14 +65,8 @@ class SharedConv2d(nn.Module):
             raise TypeError(f"SharedConv2d needs an nn.Conv2d source, got {type(source).__name__}.")
         self.weight = source.weight
         self.bias = source.bias
-        self.in_channels = source.in_channels
-        self.out_channels = source.out_channels
-        self.kernel_size = source.kernel_size
-        self.stride = source.stride
+        copy_conv_geometry(self, source)
         self.padding = source.padding
-        self.dilation = source.dilation
-        self.groups = source.groups
-        self.padding_mode = source.padding_mode
         self._reversed_padding_repeated_twice = tuple(source._reversed_padding_repeated_twice)
         self.source_name = source_name
         weight = source.weight
