@@ -15,6 +15,7 @@ from lightning_sparse.functional.channels import (
     empty_channels,
     feasible_floor,
     floor_protected,
+    floor_rescued,
     growth_candidates,
     growth_scores,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "empty_channels",
     "feasible_floor",
     "floor_protected",
+    "floor_rescued",
     "growth_candidates",
     "growth_scores",
     "cosine_drop_fraction",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_sparse.functional.channels import floor_protected
+from lightning_sparse.functional.channels import floor_rescued
 from lightning_sparse.functional.criteria import random_grow
 
 __all__ = [
@@ -62,7 +62,8 @@ def dsr_prune(
     Mostafa & Wang 2019, docs/algorithms.md §2a step (1) and §2d.5. A layer is never emptied: if all its active
     weights fall below H, the one with the largest |w| is kept (lowest flat index on ties). Thresholding
     only, no sort; no host synchronisation. With ``min_active_per_channel = m > 0`` the ``m`` largest-|w|
-    weights of every output channel are kept whatever H (a per-channel sort; docs/troubleshooting.md).
+    weights of every output channel are kept whatever H (examined only in the channels H would take below the
+    floor; docs/troubleshooting.md).
 
     Args:
         weights: One weight tensor per sparse layer.
@@ -93,7 +94,7 @@ def dsr_prune(
         magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
         pruned = mask & (magnitude < threshold)
         if min_active_per_channel:
-            pruned &= ~floor_protected(weight, mask, min_active_per_channel)
+            pruned = floor_rescued(magnitude, mask, pruned, min_active_per_channel)
         pruned_masks.append(pruned)
         survivor_counts.append((torch.count_nonzero(mask) - torch.count_nonzero(pruned)).cpu())
     # One host sync for all layers; the (rare) layers that would be emptied are then rescued one by one.

@@ -14,6 +14,7 @@ from lightning_sparse.functional.channels import (
     empty_channels,
     feasible_floor,
     floor_protected,
+    floor_rescued,
     resolve_growth_rule,
 )
 from lightning_sparse.functional.criteria import (
@@ -49,6 +50,19 @@ def test_floor_protected_keeps_the_largest_weights_of_each_channel_ties_by_index
     assert not floor_protected(weight, mask, 0).any()
     assert floor_protected(weight, mask, 10).equal(mask)  # a floor above the row length keeps everything
     assert droppable_count(mask, 1) == 3 and droppable_count(mask, 2) == 2 and droppable_count(mask, 0) == 5
+
+
+@pytest.mark.parametrize("min_active", [0, 1, 2, 5])
+def test_floor_rescued_equals_the_floor_applied_to_every_channel(min_active: int) -> None:
+    # DSR examines only the channels its threshold would take below the floor; the result must be the full rule's.
+    generator = torch.Generator().manual_seed(min_active)
+    weight = torch.randn(16, 4, 3, 3, generator=generator).round(decimals=1)  # rounding makes ties
+    mask = torch.rand(16, 4, 3, 3, generator=generator) < 0.15
+    mask[3] = False  # an empty channel
+    dropped = mask & (weight.abs() < 0.8)
+    expected = dropped & ~floor_protected(weight, mask, min_active)
+    assert floor_rescued(weight, mask, dropped, min_active).equal(expected)
+    assert floor_rescued(weight.abs(), mask, dropped, min_active).equal(expected)  # magnitudes work as well
 
 
 def test_magnitude_drop_with_a_floor_never_empties_a_channel() -> None:
