@@ -30,7 +30,23 @@ def _refuse_autograd(x: Tensor, name: str) -> None:
         )
 
 
-class SparseConv2d(nn.Module):
+class _PackedLayer(nn.Module):
+    """What SparseConv2d and SparseLinear share: the packed active weights, a float32 bias buffer, the density."""
+
+    packed: PackedSparseWeight
+
+    def _keep(self, weight: Tensor, packed: PackedSparseWeight, bias: Tensor | None) -> None:
+        self.weight_numel = weight.numel()
+        self.packed = packed
+        self.register_buffer("bias", None if bias is None else bias.detach().to("cpu", torch.float32).clone())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight that is active."""
+        return self.packed.nnz / self.weight_numel
+
+
+class SparseConv2d(_PackedLayer):
     """A Conv2d that multiplies only its active (non-zero) weights.
 
     Args:
@@ -55,15 +71,7 @@ class SparseConv2d(nn.Module):
         copy_conv_geometry(self, conv)
         self.padding = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
         self.batch_inner = batch_inner
-        self.weight_numel = conv.weight.numel()
-        self.packed: PackedSparseWeight = pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups)
-        bias = None if conv.bias is None else conv.bias.detach().to("cpu", torch.float32).clone()
-        self.register_buffer("bias", bias)
-
-    @property
-    def density(self) -> float:
-        """Fraction of the weight that is active."""
-        return self.packed.nnz / self.weight_numel
+        self._keep(conv.weight, pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution over the active weights only."""
@@ -78,7 +86,7 @@ class SparseConv2d(nn.Module):
         )
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_PackedLayer):
     """A Linear layer that multiplies only its active (non-zero) weights (CSR x dense).
 
     Args:
@@ -93,15 +101,7 @@ class SparseLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.batch_inner = batch_inner
-        self.weight_numel = linear.weight.numel()
-        self.packed: PackedSparseWeight = pack_linear_weight(linear.weight)
-        bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32).clone()
-        self.register_buffer("bias", bias)
-
-    @property
-    def density(self) -> float:
-        """Fraction of the weight that is active."""
-        return self.packed.nnz / self.weight_numel
+        self._keep(linear.weight, pack_linear_weight(linear.weight), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ weight.T + bias`` over the active weights only."""
