@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -45,7 +46,15 @@ MODELS = {
     "resnet18": lambda width: cifar_resnet18(width=width),
     "wrn-28-2": lambda width: wide_resnet28(2),
 }
-LOAD_NOTE = "measured while other jobs shared the 2 cores; ratios are interleaved in one loop, absolute ms are not"
+
+
+def load_note(before: float, after: float) -> str:
+    """The machine's 1-minute load average at the start and end of the run, and what it means for the figures."""
+    return (
+        f"1-minute load average {before:.1f} at the start and {after:.1f} at the end on {os.cpu_count()} cores (above "
+        "the core count, other jobs shared them); ratios are interleaved in one loop, so load hits every "
+        "implementation alike"
+    )
 
 
 def erk_sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> float:
@@ -98,24 +107,45 @@ def try_compile(model: nn.Module, x: torch.Tensor, budget_s: float) -> tuple[Any
     return compiled, f"compiled in {seconds:.0f} s"
 
 
-def run_config(args: argparse.Namespace, model_name: str, sparsity: float, batch: int, threads: int) -> dict[str, Any]:
-    torch.manual_seed(0)
+class Subject:
+    """One model, batch and thread count: the dense model, its example input and (once) its torch.compile.
+
+    The dense model is compiled once and re-sparsified in place for each sparsity (``load_state_dict`` copies into the
+    same parameters, which the compiled graph reads as inputs), so one compile serves every sparsity.
+    """
+
+    def __init__(self, args: argparse.Namespace, model_name: str, batch: int, threads: int) -> None:
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+        self.model_name, self.batch, self.threads = model_name, batch, threads
+        self.model = MODELS[model_name](args.width).eval()
+        self.initial = {key: value.clone() for key, value in self.model.state_dict().items()}
+        self.x = torch.randn(batch, 3, 32, 32)
+        self.compiled, self.compile_note = (
+            (None, "not tried") if args.no_compile else try_compile(self.model, self.x, args.compile_budget)
+        )
+
+    def sparsify(self, sparsity: float) -> float:
+        """Restore the dense weights, then apply a random ERK mask of ``sparsity``; the global density."""
+        self.model.load_state_dict(self.initial)
+        return erk_sparsify(self.model, sparsity)
+
+
+def run_config(args: argparse.Namespace, subject: Subject, sparsity: float) -> dict[str, Any]:
+    model, x, batch, threads, model_name = subject.model, subject.x, subject.batch, subject.threads, subject.model_name
     torch.set_num_threads(threads)
-    model = MODELS[model_name](args.width).eval()
-    density = erk_sparsify(model, sparsity)
-    x = torch.randn(batch, 3, 32, 32)
+    density = subject.sparsify(sparsity)
     dense_macs, active_macs = conv_flops(model, x)
     start = time.perf_counter()
     fast = sparse_inference(model, x, repeats=args.choice_repeats, verbose=False)
     convert_s = time.perf_counter() - start
-    compiled, compile_note = (None, "not tried") if args.no_compile else try_compile(model, x, args.compile_budget)
     runners = {"dense": model, "ours": fast}
-    if compiled is not None:
-        runners["compile"] = compiled
+    if subject.compiled is not None:
+        runners["compile"] = subject.compiled
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        expected, out = model(x), fast(x)
-        error = float((out - expected).abs().max() / expected.abs().max())
+        expected = model(x)
+        errors = {name: float((run(x) - expected).abs().max() / expected.abs().max()) for name, run in runners.items()}
         for run in runners.values():  # warm-up
             run(x)
         for _ in range(args.repeats):
@@ -123,6 +153,7 @@ def run_config(args: argparse.Namespace, model_name: str, sparsity: float, batch
                 begin = time.perf_counter()
                 run(x)
                 times[name].append(time.perf_counter() - begin)
+    error = errors["ours"]
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     report = fast.report
     return {
@@ -140,7 +171,8 @@ def run_config(args: argparse.Namespace, model_name: str, sparsity: float, batch
         "conv_macs_active": active_macs,
         "conv_flop_limit": dense_macs / max(active_macs, 1.0),
         "max_relative_error": error,
-        "compile": compile_note,
+        "compile": subject.compile_note,
+        "compile_max_relative_error": errors.get("compile"),
         "convert_s": convert_s,
         "sparse_layers": len(report.sparse_layers),
         "layers": [
@@ -195,11 +227,11 @@ def crossovers(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return table
 
 
-def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+def markdown(rows: list[dict[str, Any]], settings: dict[str, Any], note: str) -> list[str]:
     lines = [
         "# Sparse CPU inference: dense eager / dense torch.compile / sparse_inference",
         "",
-        f"Settings: {settings}. {LOAD_NOTE}.",
+        f"Settings: {settings}. {note}.",
         "",
         "Speedup = dense median latency / ours (> 1: ours faster). FLOP limit = 1 / global density (conv+linear "
         "weights); conv FLOP limit = dense / active multiply-adds of the convs and the Linear for this input.",
@@ -317,7 +349,7 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> None:
         axis.set_ylabel("dense eager / ours (latency)")
         axis.set_title(f"batch {batch}")
         axis.legend(fontsize=8)
-    figure.suptitle("sparse_inference speedup over dense eager (CPU; " + LOAD_NOTE[:40] + "...)", fontsize=9)
+    figure.suptitle("sparse_inference speedup over dense eager (CPU; ratios interleaved in one loop)", fontsize=9)
     save_figure(figure, out, name)
 
 
@@ -342,7 +374,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.replot is not None:
         payload = json.loads(args.replot.read_text())
         name = args.replot.stem
-        (args.replot.parent / f"{name}.md").write_text("\n".join(markdown(payload["rows"], payload["settings"])) + "\n")
+        markdown_lines = markdown(payload["rows"], payload["settings"], payload["note"])
+        (args.replot.parent / f"{name}.md").write_text("\n".join(markdown_lines) + "\n")
         plot(payload["rows"], args.replot.parent, name)
         return payload["rows"]
     if args.quick:
@@ -354,11 +387,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     for threads in args.threads:  # one thread first: the least load-sensitive figures come out first
         for model_name in args.models:
             for batch in args.batch_sizes:
+                subject = Subject(args, model_name, batch, threads)
                 for sparsity in args.sparsities:
-                    row = run_config(args, model_name, sparsity, batch, threads)
+                    row = run_config(args, subject, sparsity)
                     rows.append(row)
                     print(
                         f"{model_name} s={sparsity} batch={batch} threads={threads}: dense "
@@ -367,9 +402,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         f"{row['compile']}, {time.perf_counter() - start:.0f} s so far",
                         flush=True,
                     )
-                    data = {"settings": settings, "note": LOAD_NOTE, "rows": rows}
+                    note = load_note(load_before, os.getloadavg()[0])
+                    data = {"settings": settings, "note": note, "rows": rows}
                     write_results(
-                        args.out, name, {**data, "seconds": time.perf_counter() - start}, markdown(rows, settings)
+                        args.out, name, {**data, "seconds": time.perf_counter() - start}, markdown(rows, settings, note)
                     )
     plot(rows, args.out, name)
     print(f"wrote {args.out / name}.json/.md/.png in {time.perf_counter() - start:.0f} s")
