@@ -301,13 +301,14 @@ def add_training_arguments(
         "--threads", type=int, default=1, help="torch CPU threads per run (1: robust on a shared machine)"
     )
     parser.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes")
-    parser.add_argument(
-        "--reuse",
-        type=Path,
-        default=None,
-        help="take the runs of an earlier results JSON with the "
-        "same schedule instead of training them again (a benchmark run in parts)",
+    add_reuse_and_out_arguments(
+        parser, "take the runs of an earlier results JSON with the same schedule instead of training them again"
     )
+
+
+def add_reuse_and_out_arguments(parser: argparse.ArgumentParser, reuse_help: str) -> None:
+    """``--reuse`` (an earlier results JSON: a benchmark run in parts) and ``--out`` (the results folder)."""
+    parser.add_argument("--reuse", type=Path, default=None, help=f"{reuse_help} (a benchmark run in parts)")
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 

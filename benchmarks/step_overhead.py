@@ -22,18 +22,21 @@ first batch size and thread count) attributes the time above dense to the librar
 
 Usage::
 
-    python benchmarks/step_overhead.py           # full: 2 models x batch 64/256 x 1/2 threads, 1 run pair each
-    python benchmarks/step_overhead.py --quick   # a tiny CNN (about a minute on a loaded machine)
-    python benchmarks/step_overhead.py --models resnet18 --batch-sizes 64 --threads 1 2   # the headline rows
+    python benchmarks/step_overhead.py --repeats 5   # full: 2 models x batch 64/256 x 1/2 threads (about 40 min here)
+    python benchmarks/step_overhead.py --quick       # a tiny CNN (about a minute on a loaded machine)
+    python benchmarks/step_overhead.py --threads 2 --profile-steps 0 --reuse benchmarks/results/step_overhead.json
+        # re-measure the 2-thread rows only, keeping the others (a benchmark run in parts)
 
-The full default needs about 4 CPU-minutes (16 short fits and the profile): about 5 minutes on an idle 2-core
-machine, far longer while other jobs share the cores. Raise ``--repeats`` on a quiet machine.
+Two-thread figures need both cores to themselves: any other job on a 2-core machine makes one of torch's two
+threads wait for the other at every operator, which inflates the step several-fold. The hooks-alone table is the
+figure to hold against the targets; the end-to-end table shows what a user sees, noise included.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import statistics
@@ -53,7 +56,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sparse.callbacks import DynamicReallocation, MaskInit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SGDClassifier, cpu_model, markdown_table, result_name, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    SGDClassifier,
+    add_reuse_and_out_arguments,
+    cpu_model,
+    markdown_table,
+    result_name,
+    write_results,
+)
 
 MODELS = ("resnet18", "cifar_resnet")
 CLOCKS = ("wall", "cpu")
@@ -324,7 +334,10 @@ def main() -> None:
     parser.add_argument("--every-n-steps", type=int, default=4, help="DSR period inside the benchmark (sampling)")
     parser.add_argument("--periods", type=int, nargs="+", default=[100, 1000], help="periods to amortise over")
     parser.add_argument("--profile-steps", type=int, default=4, help="ordinary steps per arm in the profile (0: none)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_reuse_and_out_arguments(
+        parser, "keep the rows (and the profile, if this run makes none) of an earlier results JSON for the "
+        "configurations this run does not measure"
+    )
     args = parser.parse_args()
     if args.quick:
         args.models, args.repeats, args.steps, args.warmup, args.batch_sizes, args.image_size = ["tiny"], 2, 6, 2, [8], 16
@@ -340,6 +353,16 @@ def main() -> None:
     summary = profile(args) if args.profile_steps > 0 else None
     total_seconds = time.perf_counter() - started
     load_after = os.getloadavg()[0]
+    loads = [[load_before, load_after]]
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        measured = {(r["model"], r["threads"], r["batch_size"]) for r in results}
+        kept = [r for r in earlier["results"] if (r["model"], r["threads"], r["batch_size"]) not in measured]
+        results = sorted(kept + results, key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else -1,
+                                                        r["batch_size"], r["threads"]))
+        summary = summary if summary is not None else earlier.get("profile")
+        total_seconds += earlier.get("total_seconds", 0.0)
+        loads = [*earlier.get("load_averages", [earlier.get("load_average", [float("nan")] * 2)]), *loads]
 
     worst = max(r["hooks"]["ordinary_ratio"] for r in results) - 1.0
     name = result_name("step_overhead", args.quick)
@@ -351,8 +374,10 @@ def main() -> None:
         f"(log_every_n_steps=50) and the loss logged every step; {args.repeats} interleaved dense/sparse run pair(s) "
         f"per row, {args.warmup} warm-up + {args.steps} timed steps each, every step timed on its own; DSR every "
         f"{args.every_n_steps} steps to sample update steps. Medians over the steps. torch {torch.__version__}, "
-        f"lightning {L.__version__}, {cpu_model()}; total {total_seconds / 60:.1f} min; 1-minute load average "
-        f"{load_before:.1f} at the start and {load_after:.1f} at the end on {os.cpu_count()} cores.",
+        f"lightning {L.__version__}, {cpu_model()}; total {total_seconds / 60:.1f} min"
+        f"{f' in {len(loads)} parts (--reuse)' if len(loads) > 1 else ''}; 1-minute load average "
+        + "; ".join(f"{before:.1f} at the start and {after:.1f} at the end" for before, after in loads)
+        + f" on {os.cpu_count()} cores.",
         "",
         "## End to end",
         "",
@@ -409,7 +434,7 @@ def main() -> None:
     write_results(args.out, name, {"quick": args.quick, "settings": {k: v for k, v in vars(args).items() if k != "out"},
                                    "results": results, "profile": summary, "overhead": worst,
                                    "total_seconds": total_seconds,
-                                   "load_average": [load_before, load_after]}, lines)
+                                   "load_averages": loads}, lines)
     print("\n".join(lines))
 
 
