@@ -128,6 +128,17 @@ def median_time(function: Callable[[], Any], repeats: int, warmup: int = 1) -> t
     return statistics.median(times), times
 
 
+def load_average_note(load_at_start: float) -> str:
+    """The 1-minute load average at the start (given) and now on this machine's cores, for the results' headers.
+
+    A load above the core count means other jobs shared the cores while the benchmark ran.
+    """
+    return (
+        f"1-minute load average {load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
+        f"{os.cpu_count()} cores (above the core count, other jobs shared them)"
+    )
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table as a list of lines."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -50,6 +50,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -324,7 +325,7 @@ def main() -> None:
     common.resolve_training_defaults(args, other_seeds=1)
     extreme = args.sparsities[-1]
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     runs, data, partial = common.train_in_pool(
         train_once,
         plan(args),
@@ -353,8 +354,8 @@ def main() -> None:
         f"{model_text} on {data_text}; batch {args.batch_size}, SGD Nesterov lr {args.lr}, cosine per step. "
         f"Seeds: {args.seeds} for the cells that decide the verdicts (static, RigL, EAST and the ablation at "
         f"{extreme}); {args.other_seeds} for every other cell (dense, the other column(s), SET and both DSRs). CPU, {args.threads} torch thread(s) per run, "
-        f"{args.workers} run(s) in parallel; total {total_seconds / 60:.1f} min wall, measured while other jobs "
-        f"shared the machine's {__import__('os').cpu_count()} cores.",
+        f"{args.workers} run(s) in parallel; total {total_seconds / 60:.1f} min wall; "
+        f"{common.load_average_note(load_at_start)}.",
         "",
         *schedule_lines(args, steps, per_epoch),
         "",

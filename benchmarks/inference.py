@@ -35,7 +35,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table, new_figure, result_name, save_figure, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    load_average_note,
+    markdown_table,
+    new_figure,
+    result_name,
+    save_figure,
+    write_results,
+)
 
 from lightning_sparse import sparse_inference  # noqa: E402
 from lightning_sparse.functional import active_counts, layer_densities  # noqa: E402
@@ -48,13 +56,9 @@ MODELS = {
 }
 
 
-def load_note(before: float, after: float) -> str:
-    """The machine's 1-minute load average at the start and end of the run, and what it means for the figures."""
-    return (
-        f"1-minute load average {before:.1f} at the start and {after:.1f} at the end on {os.cpu_count()} cores (above "
-        "the core count, other jobs shared them); ratios are interleaved in one loop, so load hits every "
-        "implementation alike"
-    )
+def load_note(before: float) -> str:
+    """The machine's load during the run, and why the ratios hold under it."""
+    return f"{load_average_note(before)}; ratios are interleaved in one loop, so load hits every implementation alike"
 
 
 def erk_sparsify(model: nn.Module, sparsity: float, seed: int = 0) -> float:
@@ -402,7 +406,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         f"{row['compile']}, {time.perf_counter() - start:.0f} s so far",
                         flush=True,
                     )
-                    note = load_note(load_before, os.getloadavg()[0])
+                    note = load_note(load_before)
                     data = {"settings": settings, "note": note, "rows": rows}
                     write_results(
                         args.out, name, {**data, "seconds": time.perf_counter() - start}, markdown(rows, settings, note)

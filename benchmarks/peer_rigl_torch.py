@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -150,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     common.resolve_training_defaults(args, other_seeds=1 if args.quick else 2)
     extreme = args.sparsities[-1]
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     peer, why_not = import_peer()
     planned = []
     for seed in range(args.seeds):
@@ -221,8 +222,8 @@ def main() -> None:
         f"75% ({(int(0.75 * steps) - 1) // args.period} updates); uniform sparsity over the convs, stem and "
         f"classifier dense in both arms (stem density measured below); {args.seeds} seeds at the extreme column ({extreme}), {args.other_seeds} for the other column(s) and ours_rigl_floor0. CPU, "
         f"{args.threads} torch thread(s) per run, {args.workers} run(s) in parallel; total "
-        f"{total_seconds / 60:.1f} min, measured while other jobs shared the machine's cores (step times are "
-        "indicative only).",
+        f"{total_seconds / 60:.1f} min; {common.load_average_note(load_at_start)} (step times are indicative "
+        "only).",
         "",
     ]
     if peer is None:

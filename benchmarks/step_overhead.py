@@ -426,12 +426,16 @@ def main() -> None:
         lines += markdown_table(["hook", "sparse (ms/step)", "calls/step"],
                                 [[h["function"], f"{h['sparse_ms_per_step']:.2f}", f"{h['calls_per_step']:.1f}"]
                                  for h in summary["hooks"]])
+        lines += ["", "The profiled steps end with the epoch, so the per-epoch work (MaskInit's per-layer density "
+                  "logging, about 25 `log` calls, the non-finite repair pass, the heatmap record) is divided over them "
+                  "here: that is the sparse arm's extra `log` calls and the isfinite/deepcopy rows below; in training "
+                  "it is paid once per epoch."]
         lines += ["", "Largest per-function differences in self time (sparse - dense, ms/step; forward/backward "
                   "kernels differ by noise only, the masks do not change the dense kernels' work):", ""]
         lines += markdown_table(["function", "sparse - dense", "sparse", "dense"],
                                 [[d["function"], f"{d['delta_ms_per_step']:+.2f}", f"{d['sparse_ms_per_step']:.2f}",
                                   f"{d['dense_ms_per_step']:.2f}"] for d in summary["largest_self_time_deltas"]])
-    write_results(args.out, name, {"quick": args.quick, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    write_results(args.out, name, {"quick": args.quick, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
                                    "results": results, "profile": summary, "overhead": worst,
                                    "total_seconds": total_seconds,
                                    "load_averages": loads}, lines)
