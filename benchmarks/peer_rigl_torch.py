@@ -25,7 +25,7 @@ cannot be imported the results say why and give the pip command; nothing is inst
 
 Usage::
 
-    python benchmarks/peer_rigl_torch.py           # full: 5 seeds at 0.99 (2 at 0.9), 375 steps
+    python benchmarks/peer_rigl_torch.py           # full: 5 seeds in every cell, 375 steps (30 runs)
     python benchmarks/peer_rigl_torch.py --quick   # 2 and 1 seeds, 125 steps
 """
 
@@ -137,7 +137,7 @@ def main() -> None:
         parser,
         quick="2 seeds, 1 epoch, P = 25",
         seeds="seeds of the extreme column's peer_static, peer_rigl and ours_rigl (default 5; --quick: 2)",
-        other_seeds="seeds of the other columns and of ours_rigl_floor0 (default 2; --quick: 1)",
+        other_seeds="seeds of the other columns and of ours_rigl_floor0 (default 5, as many as the extreme column; --quick: 1)",
         period="RigL's update period in steps (default 40; --quick: 25)",
         sparsities="columns; the highest is the extreme column",
     )
@@ -149,7 +149,7 @@ def main() -> None:
         help="runs to train (the last two at the extreme column only)",
     )
     args = parser.parse_args()
-    common.resolve_training_defaults(args, other_seeds=1 if args.quick else 2)
+    common.resolve_training_defaults(args, other_seeds=1 if args.quick else 5)
     extreme = args.sparsities[-1]
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     peer, why_not = import_peer()
