@@ -484,7 +484,7 @@ def train_in_pool(
             runs.append(run)
             partial = save_partial(args.out, name, vars(args), runs)
             print(
-                f"[{len(runs)}/{len(jobs)} {(time.perf_counter() - started) / 60:.1f} min] {run[label]:{width}s} "
+                f"[{len(runs)}/{len(planned)} {(time.perf_counter() - started) / 60:.1f} min] {run[label]:{width}s} "
                 f"sparsity={run['sparsity']} seed={run['seed']}: {run['accuracy']:.1f}% loss "
                 f"{run['final_train_loss']:.3f}, {run['active_weights']} active, {details(run)}",
                 flush=True,

@@ -43,7 +43,7 @@ channels of the arms concerned.
 
 Usage::
 
-    python benchmarks/accuracy.py --workers 5   # full: 5 seeds for the verdict cells, 1 for the others, 375 steps
+    python benchmarks/accuracy.py --workers 2   # full: 5 seeds in every cell (85 runs of 375 steps)
     python benchmarks/accuracy.py --quick       # 2 and 1 seeds, 1 epoch = 125 steps, P = 25
 """
 
@@ -315,14 +315,14 @@ def main() -> None:
         seeds="seeds of the cells that decide the verdicts: static, RigL, EAST and the ablation at the extreme "
         "column (default 5; --quick: 2)",
         other_seeds="seeds of every other cell: dense, the other columns, SET and both DSRs at the extreme column "
-        "(default 1)",
+        "(default 5, as many as the verdict cells; --quick: 1)",
         period="topology-update period P in steps (default 40; --quick: 25)",
         sparsities="columns; the highest is the extreme column (0.99: about 3 active weights per channel)",
     )
     parser.add_argument("--methods", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS)
     args = parser.parse_args()
-    common.resolve_training_defaults(args, other_seeds=1)
+    common.resolve_training_defaults(args, other_seeds=1 if args.quick else 5)
     extreme = args.sparsities[-1]
 
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
