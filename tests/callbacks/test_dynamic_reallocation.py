@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -313,6 +314,7 @@ def test_reallocation_curves_reach_tensorboard(tmp_path):
     _, _, _, realloc, _ = _fit(
         tmp_path, "dsr", every_n_steps=2, stop_at=1.0, logger=logger, log_every_n_steps=1
     )
+    assert len(list(Path(logger.log_dir).glob("events.out.tfevents.*"))) == 1  # one run, one event file
     accumulator = tensorboard_events(logger.log_dir)
     tags = set(accumulator.Tags()["scalars"])
     expected = {

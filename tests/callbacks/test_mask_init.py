@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -232,6 +233,7 @@ def test_sparsity_curves_reach_tensorboard(tmp_path):
         callbacks=[mask_init], **trainer_kwargs(tmp_path, logger=logger, max_epochs=2, log_every_n_steps=1)
     )
     trainer.fit(Classifier(), random_loader())
+    assert len(list(Path(logger.log_dir).glob("events.out.tfevents.*"))) == 1  # one run, one event file
     accumulator = tensorboard_events(logger.log_dir)
     tags = set(accumulator.Tags()["scalars"])
     expected = {
