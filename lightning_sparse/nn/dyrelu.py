@@ -40,9 +40,9 @@ def validate_blend(beta: float) -> float:
 
 
 def _spatial_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the dims after (N, C), keeping them as size 1; a 2-D tensor is returned as it is."""
+    """Sum over the dims after (N, C), keeping them as size 1, into a new tensor (a 2-D tensor is copied)."""
     if tensor.dim() == 2:
-        return tensor
+        return tensor.clone()
     return tensor.sum(dim=tuple(range(2, tensor.dim())), keepdim=True)
 
 
@@ -51,9 +51,19 @@ class _TwoPieceMax(torch.autograd.Function):
 
     The stacked formula ``(x[..., None] * slopes + offsets).amax(-1)`` keeps a K-times-larger pre-activation tensor
     and the output alive until backward (issue 10 point 7: the EAST stack ran at 1.79x a dense step and 1.92x its
-    peak memory). Here the two pieces are recomputed in backward from ``x`` with the same floating-point
-    operations, so the forward value is bitwise that of the stacked formula, and the gradient is amax's: all of it
-    to the larger piece, split evenly on a tie.
+    peak memory). The forward here computes the two pieces with the same floating-point operations, so its value
+    is bitwise that of the stacked formula. The backward gives amax's gradient (all of it to the larger piece,
+    split evenly on a tie) with two full-size buffers, in place wherever it can (on the CPU a fresh full-size
+    tensor costs more than a pass over one), using that the two pieces' gradients add up to the incoming one:
+
+    * which piece wins is the sign of ``d = (a1 - a2) x + (b1 - b2)``;
+    * ``g1 = g * (sign(d) + 1) / 2`` (1/2 on a tie), ``g2 = g - g1``;
+    * ``dL/dx = g1 (a1 - a2) + g a2``; ``dL/da1 = sum(g1 x)``, ``dL/da2 = sum(g x) - dL/da1``;
+      ``dL/db1 = sum(g1)``, ``dL/db2 = sum(g) - dL/db1`` (sums over the spatial dims).
+
+    ``d`` is rounded once where the stacked formula rounds each piece and then compares them, so when the two
+    pieces are within a rounding error of each other the side that takes the gradient can differ (both are valid
+    subgradients at the kink; exact ties, such as ReLU's at ``x = 0``, are still split evenly).
     """
 
     @staticmethod
@@ -70,25 +80,23 @@ class _TwoPieceMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, a1, a2, b1, b2 = ctx.saved_tensors
-        first = x * a1
-        first.add_(b1)
-        second = x * a2
-        second.add_(b2)
-        # Share of the gradient that goes to the first piece: 1 where it is larger, 0.5 on a tie, else 0.
-        share = torch.sign(first.sub_(second), out=second).add_(1.0).mul_(0.5)
-        del first
-        grad_first = share.mul_(grad)
-        grad_second = grad - grad_first
-        grad_x = grad_a1 = grad_a2 = grad_b1 = grad_b2 = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_first * a1
-            grad_x.add_(grad_second * a2)
-            grad_x = grad_x.to(x.dtype)
+        slope_difference = a1 - a2
+        # twice_first = 2 g1, built in place from d: sign(d) + 1 is 2, 1 or 0, so every step is exact.
+        twice_first = x * slope_difference
+        twice_first.add_(b1 - b2).sign_().add_(1.0).mul_(grad)
+        scratch = torch.mul(grad, x)
+        grad_a1 = grad_a2 = grad_b1 = grad_b2 = None
         if any(ctx.needs_input_grad[1:]):
-            grad_a1 = _spatial_sum(grad_first * x).to(a1.dtype)
-            grad_a2 = _spatial_sum(grad_second * x).to(a2.dtype)
-            grad_b1 = _spatial_sum(grad_first).to(b1.dtype)
-            grad_b2 = _spatial_sum(grad_second).to(b2.dtype)
+            grad_a_total = _spatial_sum(scratch)
+            grad_a1 = _spatial_sum(torch.mul(twice_first, x, out=scratch)).mul_(0.5)
+            grad_a2 = (grad_a_total - grad_a1).to(a2.dtype)
+            grad_a1 = grad_a1.to(a1.dtype)
+            grad_b1 = _spatial_sum(twice_first).mul_(0.5)
+            grad_b2 = (_spatial_sum(grad) - grad_b1).to(b2.dtype)
+            grad_b1 = grad_b1.to(b1.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = twice_first.mul_(slope_difference * 0.5).add_(torch.mul(grad, a2, out=scratch)).to(x.dtype)
         return grad_x, grad_a1, grad_a2, grad_b1, grad_b2
 
 
@@ -222,7 +230,8 @@ class DyReLU(nn.Module):
             Tensor of shape ``(N, C, 2K)`` (docs/algorithms.md §3c steps 1-5).
         """
         self._check_input(x)
-        pooled = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        # sum / n is what mean computes, but its backward is an expand (a view) instead of a full-size division.
+        pooled = x.sum(dim=tuple(range(2, x.dim()))) / math.prod(x.shape[2:]) if x.dim() > 2 else x
         theta = 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(pooled)))) - 1.0
         theta = theta.view(x.shape[0], self.channels, 2 * self.num_pieces)
         coefficients = self.coefficient_init.to(theta.dtype) + self.coefficient_lambdas.to(theta.dtype) * theta
