@@ -290,6 +290,19 @@ class SparseMasks(Mapping[str, Tensor]):
                         if isinstance(value, Tensor) and value.shape == param.shape:
                             value.masked_fill_(where.to(value.device), initial_state_value(optimizer, group, key))
 
+    def follow_parameters_(self) -> None:
+        """Move each mask (and its ever-active record) to its parameter's current device.
+
+        Lightning's teardown moves the model to the CPU before ``on_fit_end``; after this call the masks are
+        there too. The mask tensors are replaced, so call it only when nothing holds them (MaskInit calls it at
+        the end of fit, after removing its hooks).
+        """
+        for name, param in self._params.items():
+            if self._masks[name].device != param.device:
+                self._masks[name] = self._masks[name].to(param.device)
+                self._ever_active[name] = self._ever_active[name].to(param.device)
+                self._multipliers = None
+
     @torch.no_grad()
     def repair_nonfinite_(self) -> int:
         """Set every non-finite weight or optimizer-state entry at a masked position back to its initial value.

@@ -373,6 +373,7 @@ class MaskInit(Callback, MaskOwner):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the optimizer hooks (the masks stay available as ``mask_init.masks``); report the layers."""
         self._remove_hooks()
+        self.masks.follow_parameters_()  # the strategy's teardown has moved the model (to the CPU) by now
         self._repair_nonfinite()
         if self.verbose == 1:
             rank_zero_info(f"MaskInit: at the end of fit, {sparsity_summary(self.masks, self._requested())[0]}")
