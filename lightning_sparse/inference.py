@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sparse.functional.sparse_conv import numba_available
+from lightning_sparse.nn.conv_fusion import ConvChain, find_conv_chains, fold_batchnorm_
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
 
 __all__ = ["InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
@@ -112,6 +113,12 @@ class InferenceReport:
 
     layers: list[LayerChoice]
     threads: int
+    folded_batchnorms: list[str] = field(default_factory=list)
+    """BatchNorm2d modules folded into the conv before them (now ``nn.Identity``)."""
+    fused_relus: list[str] = field(default_factory=list)
+    """ReLU modules applied inside the sparse conv before them (now ``nn.Identity``)."""
+    fusion_note: str = ""
+    """Why nothing was folded, when the model could not be analysed (empty otherwise)."""
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -155,7 +162,13 @@ class InferenceReport:
 
         rule = "-" * max(len(line(header)), len(line(total)))
         body = [line(header), rule, *(line(row) for row in rows), rule, line(total)]
-        return "\n".join(body) + f"\n({self.threads} thread(s); 'total' sums the timed layers only)"
+        fusion = (
+            f"{len(self.folded_batchnorms)} BatchNorm2d folded into the conv before them, "
+            f"{len(self.fused_relus)} ReLU fused into sparse convs"
+        )
+        if self.fusion_note:
+            fusion += f" ({self.fusion_note})"
+        return "\n".join(body) + f"\n({self.threads} thread(s); 'total' sums the timed layers only; {fusion})"
 
     def __str__(self) -> str:
         return self.table()
@@ -198,9 +211,29 @@ def _convertible(module: nn.Module) -> str | None:
         return f"{type(module).__name__} has its own forward"
     if getattr(module, "parametrizations", None) is not None:
         return "parametrized weight"
-    if module._forward_hooks or module._forward_pre_hooks:
+    if _has_hooks(module):
         return "has forward hooks"
     return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fold_batchnorms(work: nn.Module, chains: Mapping[str, ConvChain]) -> list[str]:
+    """Fold each chain's BatchNorm into its conv and put ``nn.Identity`` in its place; return their names."""
+    folded = []
+    for chain in chains.values():
+        conv = work.get_submodule(chain.conv)
+        if chain.batchnorm is None or _has_hooks(conv) or getattr(conv, "parametrizations", None) is not None:
+            continue
+        batchnorm = work.get_submodule(chain.batchnorm)
+        if _has_hooks(batchnorm):
+            continue
+        fold_batchnorm_(conv, batchnorm)
+        _set_submodule(work, chain.batchnorm, nn.Identity())
+        folded.append(chain.batchnorm)
+    return folded
 
 
 def _record_inputs(model: nn.Module, names: list[str], example_input: Any) -> dict[str, Tensor]:
@@ -248,6 +281,7 @@ def sparse_inference(
     timer: Timer | None = None,
     repeats: int = 5,
     max_density: float = 0.5,
+    fuse: bool = True,
     verbose: bool = True,
 ) -> SparseInferenceModel:
     """Return a copy of ``model`` for CPU inference in which each sparse layer runs the faster of dense and sparse.
@@ -272,6 +306,10 @@ def sparse_inference(
         repeats: timed calls per candidate and layer for the default timing.
         max_density: layers denser than this stay dense without timing the sparse kernel (it loses there; the
             measured crossover is far lower, docs/inference.md §3).
+        fuse: fold each eval-mode ``BatchNorm2d`` that only follows a ``Conv2d`` into that conv's weights and bias
+            (zeros stay zeros), and apply a ``ReLU`` module that only follows such a conv inside the sparse kernel
+            when the conv runs sparse (docs/inference.md §2). The model is read with ``torch.fx``; a model it
+            cannot trace is converted without fusion (the report says why).
         verbose: print the per-layer table.
 
     Returns:
@@ -317,9 +355,12 @@ def sparse_inference(
             "numba is not installed, so every layer stays dense; pip install 'lightning-sparse[inference]'",
             stacklevel=2,
         )
+    chains, fusion_note = find_conv_chains(work) if fuse else ({}, "")
+    folded = _fold_batchnorms(work, chains)
     inputs = _record_inputs(work, list(layers), example_input)
 
     choices: list[LayerChoice] = []
+    fused_relus: list[str] = []
     for name, layer in layers.items():
         weight = layer.weight.detach()
         density = float((weight != 0).sum()) / max(1, weight.numel())
@@ -390,9 +431,21 @@ def sparse_inference(
         else:
             record.reason = "sparse slower"
         if record.choice != "dense":
-            _set_submodule(work, name, candidates[record.choice])
+            chosen = candidates[record.choice]
+            relu = chains[name].relu if name in chains else None
+            if isinstance(chosen, SparseConv2d) and relu is not None and not _has_hooks(work.get_submodule(relu)):
+                chosen.relu = True
+                _set_submodule(work, relu, nn.Identity())
+                fused_relus.append(relu)
+            _set_submodule(work, name, chosen)
 
-    report = InferenceReport(layers=choices, threads=torch.get_num_threads())
+    report = InferenceReport(
+        layers=choices,
+        threads=torch.get_num_threads(),
+        folded_batchnorms=folded,
+        fused_relus=fused_relus,
+        fusion_note=fusion_note or "",
+    )
     if verbose:
         print(report)
     return SparseInferenceModel(work, report)

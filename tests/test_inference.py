@@ -183,7 +183,8 @@ def test_without_numba_every_layer_stays_dense(monkeypatch):
         fast = sparse_inference(model, x, verbose=False)
     assert fast.report.sparse_layers == []
     assert {layer.reason for layer in fast.report.layers} == {"numba not installed"}
-    assert torch.equal(fast(x), model(x).detach())
+    assert fast.report.folded_batchnorms == ["bn"]  # folding is a dense-path change: it does not need numba
+    torch.testing.assert_close(fast(x), model(x).detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -199,7 +200,7 @@ def test_package_imports_and_runs_dense_without_numba():
         "    fast = lightning_sparse.sparse_inference(model, x, verbose=False)\n"
         "assert any('numba is not installed' in str(w.message) for w in caught)\n"
         "assert fast.report.sparse_layers == [], fast.report\n"
-        "assert torch.equal(fast(x), model(x).detach())\n"
+        "torch.testing.assert_close(fast(x), model(x).detach(), rtol=1e-5, atol=1e-6)\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -214,3 +215,24 @@ def test_median_timer_calls_warmup_plus_repeats_and_rejects_bad_counts():
         median_timer(repeats=0)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         sparse_inference(_sparsify(AllGeometries(), 0.3), torch.randn(1, 3, 12, 12), repeats=0, verbose=False)
+
+
+def test_batchnorm_is_folded_and_relu_fused_into_sparse_convs():
+    from tests.helpers import TinyCNN
+
+    model = _sparsify(TinyCNN(), 0.1)
+    x = torch.randn(4, 3, 16, 16)
+    fast = sparse_inference(model, x, choose={"conv1": "sparse", "conv2": "dense"}, timer=_sparse_after_timing)
+    report = fast.report
+    assert report.folded_batchnorms == ["bn1", "bn2"]
+    assert report.fused_relus == ["act1"]  # conv2 stays dense, so its ReLU stays a module
+    assert isinstance(fast.module.bn1, nn.Identity) and isinstance(fast.module.act1, nn.Identity)
+    assert isinstance(fast.module.act2, nn.ReLU) and fast.module.conv1.relu
+    assert "2 BatchNorm2d folded" in str(report) and "1 ReLU fused" in str(report)
+    _assert_matches(fast, model, x)
+    # The caller's model is untouched, and fuse=False keeps every module.
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.act1, nn.ReLU)
+    plain = sparse_inference(model, x, fuse=False, timer=_sparse_after_timing, verbose=False)
+    assert plain.report.folded_batchnorms == plain.report.fused_relus == []
+    assert isinstance(plain.module.bn1, nn.BatchNorm2d)
+    _assert_matches(plain, model, x)

@@ -74,8 +74,9 @@ def _require_numba() -> Any:
     return numba
 
 
-def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, span, rows, out_row, in_row):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """Numba body: for each (sample block, output channel), accumulate ``value x window`` over its taps.
+def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, span, rows, out_row, in_row, relu):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """Numba body: for each (sample block, output channel), accumulate ``value x window`` over its taps, then
+    write the output (through a ReLU if ``relu``).
 
     Compiled with ``parallel=True``, and without it as :data:`_taps_serial` (``prange`` is then ``range``).
     """
@@ -109,6 +110,10 @@ def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, sp
                 acc[p] += v * window[p]
             k += 1
         target = task * rows * out_row
+        if relu:  # the ReLU after the layer, applied as the output is written (no extra pass over it)
+            for p in range(span):
+                if acc[p] < 0.0:
+                    acc[p] = 0.0
         for r in range(rows):
             out[target + r * out_row : target + (r + 1) * out_row] = acc[r * in_row : r * in_row + out_row]
 
@@ -253,6 +258,27 @@ def pack_conv2d_weight(
     )
 
 
+def _zero_padded_copy(x: Tensor, left: int, top: int, plane_h: int, plane_w: int, batch_inner: bool) -> Tensor:
+    """``x`` zero-padded to ``plane_h x plane_w`` (``left`` / ``top`` before it), in the kernel's layout, in one copy.
+
+    ``F.pad`` fills the whole new tensor with zeros and then copies ``x`` into it, and the batch-inner layout
+    needs one more copy; here only the border is zeroed and ``x`` is written once, straight into the layout the
+    kernel reads (``N, C, H, W`` or, with ``batch_inner``, ``C, H, W, N``).
+    """
+    batch, channels, height, width = x.shape
+    if not batch_inner and (left, top, plane_h, plane_w) == (0, 0, height, width):
+        return x.contiguous()
+    shape = (channels, plane_h, plane_w, batch) if batch_inner else (batch, channels, plane_h, plane_w)
+    buffer = torch.empty(shape, dtype=x.dtype)
+    view = buffer.permute(3, 0, 1, 2) if batch_inner else buffer  # indexed (N, C, H, W) whatever the layout
+    view[:, :, :top].zero_()
+    view[:, :, top + height :].zero_()
+    view[:, :, top : top + height, :left].zero_()
+    view[:, :, top : top + height, left + width :].zero_()
+    view[:, :, top : top + height, left : left + width].copy_(x)
+    return buffer
+
+
 def pack_linear_weight(weight: Tensor) -> PackedSparseWeight:
     """Pack the non-zero entries of a Linear weight ``(out, in)`` for :func:`sparse_linear`."""
     if weight.dim() != 2:
@@ -267,6 +293,7 @@ def sparse_conv2d(
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     padding_mode: str = "zeros",
     batch_inner: bool = False,
+    relu: bool = False,
 ) -> Tensor:
     """2-D convolution over the active weights only; equals ``F.conv2d`` with the packed layer's weight.
 
@@ -278,6 +305,7 @@ def sparse_conv2d(
             ``_reversed_padding_repeated_twice``).
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"`` (as ``nn.Conv2d``).
         batch_inner: interleave the samples (``C, H, W, N`` layout) so the inner loop also runs over the batch.
+        relu: apply ``torch.relu`` to the output as it is written (a ReLU fused into the layer).
 
     Returns:
         ``(N, out_channels, H_o, W_o)`` (no batch dimension if ``x`` had none).
@@ -296,9 +324,9 @@ def sparse_conv2d(
     if x.shape[1] != packed.in_channels:
         raise ValueError(f"the layer expects {packed.in_channels} input channels, the input has {x.shape[1]}")
     kernel = _kernel(torch.get_num_threads())
-    if any(padding):
-        x = F.pad(x, padding, mode="constant" if padding_mode == "zeros" else padding_mode)
+    left, right, top, bottom = padding
     batch, channels, height, width = (int(d) for d in x.shape)
+    height, width = height + top + bottom, width + left + right  # padded
     (k_h, k_w), (s_h, s_w), (d_h, d_w) = packed.kernel_size, packed.stride, packed.dilation
     out_h = (height - (k_h - 1) * d_h - 1) // s_h + 1
     out_w = (width - (k_w - 1) * d_w - 1) // s_w + 1
@@ -307,17 +335,20 @@ def sparse_conv2d(
     # Phase planes large enough for every tap's window (extra zero rows/columns are never read into kept outputs).
     plane_h = max(math.ceil(height / s_h), packed.max_dy + out_h)
     plane_w = max(math.ceil(width / s_w), packed.max_dx + out_w)
-    if plane_h * s_h != height or plane_w * s_w != width:
-        x = F.pad(x, (0, plane_w * s_w - width, 0, plane_h * s_h - height))
-    if s_h > 1 or s_w > 1:
-        x = x.reshape(batch, channels, plane_h, s_h, plane_w, s_w).permute(0, 1, 3, 5, 2, 4)
     virtual = channels * s_h * s_w
-    if batch_inner:
-        x = x.reshape(batch, virtual, plane_h, plane_w).permute(1, 2, 3, 0)
-        outer, inner = 1, batch
+    outer, inner = (1, batch) if batch_inner else (batch, 1)
+    if padding_mode == "zeros" and s_h == s_w == 1:
+        x = _zero_padded_copy(x, left, top, plane_h, plane_w, batch_inner)
     else:
-        outer, inner = batch, 1
-    x = x.contiguous()
+        if any(padding):
+            x = F.pad(x, padding, mode="constant" if padding_mode == "zeros" else padding_mode)
+        if plane_h * s_h != height or plane_w * s_w != width:
+            x = F.pad(x, (0, plane_w * s_w - width, 0, plane_h * s_h - height))
+        if s_h > 1 or s_w > 1:
+            x = x.reshape(batch, channels, plane_h, s_h, plane_w, s_w).permute(0, 1, 3, 5, 2, 4)
+        if batch_inner:
+            x = x.reshape(batch, virtual, plane_h, plane_w).permute(1, 2, 3, 0)
+        x = x.contiguous()
     out = torch.empty(outer, packed.out_channels, out_h, out_w, inner, dtype=torch.float32)
     bias_values = (
         torch.zeros(packed.out_channels, dtype=torch.float32)
@@ -337,6 +368,7 @@ def sparse_conv2d(
         out_h,
         out_w * inner,
         plane_w * inner,
+        relu,
     )
     out = out.squeeze(0).permute(3, 0, 1, 2).contiguous() if batch_inner else out.squeeze(-1)
     return out.squeeze(0) if unbatched else out

@@ -53,6 +53,7 @@ class SparseConv2d(_PackedLayer):
         conv: the trained layer; its weight's exact zeros are treated as masked.
         batch_inner: interleave the samples in memory (better for small planes at large batch; see
             :func:`lightning_sparse.functional.sparse_conv.sparse_conv2d`).
+        relu: apply a ReLU to the output as it is written (the layer then stands for ``relu(conv(x))``).
 
     Example:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
@@ -64,25 +65,26 @@ class SparseConv2d(_PackedLayer):
         True
     """
 
-    def __init__(self, conv: nn.Conv2d, batch_inner: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, batch_inner: bool = False, relu: bool = False) -> None:
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d is built from an nn.Conv2d, got {type(conv).__name__}")
         copy_conv_geometry(self, conv)
         self.padding = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
         self.batch_inner = batch_inner
+        self.relu = relu
         self._keep(conv.weight, pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution over the active weights only."""
         _refuse_autograd(x, "SparseConv2d")
-        return sparse_conv2d(x, self.packed, self.bias, self.padding, self.padding_mode, self.batch_inner)
+        return sparse_conv2d(x, self.packed, self.bias, self.padding, self.padding_mode, self.batch_inner, self.relu)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"density={self.density:.4f}, batch_inner={self.batch_inner}"
+            f"density={self.density:.4f}, batch_inner={self.batch_inner}, relu={self.relu}"
         )
 
 

@@ -114,3 +114,14 @@ def test_kernel_uses_torch_thread_count():
         torch.testing.assert_close(out, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch_inner", [False, True])
+def test_sparse_conv2d_with_fused_relu_equals_relu_of_the_conv(batch_inner):
+    conv = _masked_conv(0.3, bias=True, in_channels=4, out_channels=5, kernel_size=3, padding=1)
+    x = torch.randn(3, 4, 9, 8)
+    packed = pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups)
+    out = sparse_conv2d(x, packed, conv.bias, conv._reversed_padding_repeated_twice, batch_inner=batch_inner, relu=True)
+    expected = torch.relu(conv(x)).detach()
+    assert (expected == 0).any() and (expected > 0).any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,121 @@
+"""Inference-time model surgery: fold an eval-mode BatchNorm2d into the convolution before it, and find the ReLU
+that follows, so the sparse kernel can apply it as it writes its output (docs/inference.md §2).
+
+A convolution followed by a BatchNorm in eval mode is one affine map per output channel
+(``gamma (conv(x) - mean) / sqrt(var + eps) + beta``), so it equals a convolution with each output channel's
+weights scaled by ``gamma / sqrt(var + eps)`` and a new bias. Scaling keeps every zero weight zero: the folded
+layer is as sparse as the trained one. The graph is read with ``torch.fx`` only to find which module's output
+feeds which; the changes are made on the model's own modules (the BatchNorm and the ReLU become ``nn.Identity``),
+so the model keeps its structure and its own ``forward``. No Lightning import.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ConvChain", "find_conv_chains", "fold_batchnorm_"]
+
+
+@dataclass
+class ConvChain:
+    """What follows one convolution: the BatchNorm that only it feeds, and the ReLU that only that feeds.
+
+    Attributes:
+        conv: qualified name of the ``nn.Conv2d``.
+        batchnorm: name of the eval-mode ``nn.BatchNorm2d`` whose only input is the conv's output and which is the
+            conv's only user, or None.
+        relu: name of the ``nn.ReLU`` that is the only user of the BatchNorm's output (or of the conv's, without a
+            BatchNorm), or None.
+    """
+
+    conv: str
+    batchnorm: str | None = None
+    relu: str | None = None
+
+
+def find_conv_chains(model: nn.Module) -> tuple[dict[str, ConvChain], str | None]:
+    """Trace ``model`` with ``torch.fx`` and return its conv -> BatchNorm -> ReLU chains.
+
+    Only modules called exactly once are considered (a module used at two sites cannot be folded into one of
+    them), and only where each output has a single user, so removing the BatchNorm or moving the ReLU into the
+    convolution changes nothing else.
+
+    Args:
+        model: the model (not modified).
+
+    Returns:
+        ``(chains, why_not)``: the chains by conv name (only convs with a BatchNorm or ReLU after them), and None;
+        or ``({}, reason)`` when the model cannot be traced (data-dependent control flow, for example).
+    """
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure only means: no fusion
+        return {}, f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+    def single_module_user(node: torch.fx.Node, kind: type[nn.Module]) -> torch.fx.Node | None:
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+            return None
+        user = users[0]
+        if (
+            not isinstance(modules.get(user.target), kind)
+            or len(user.args) != 1
+            or user.kwargs
+            or user.args[0] is not node
+        ):
+            return None
+        return user
+
+    chains: dict[str, ConvChain] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or type(modules.get(node.target)) is not nn.Conv2d:
+            continue
+        chain = ConvChain(conv=node.target)
+        last = node
+        batchnorm = single_module_user(node, nn.BatchNorm2d)
+        if batchnorm is not None and _foldable(modules[batchnorm.target]):
+            chain.batchnorm, last = batchnorm.target, batchnorm
+        relu = single_module_user(last, nn.ReLU)
+        if relu is not None:
+            chain.relu = relu.target
+        if chain.batchnorm or chain.relu:
+            chains[chain.conv] = chain
+    return chains, None
+
+
+def _foldable(batchnorm: nn.BatchNorm2d) -> bool:
+    """Eval mode with running statistics: then the BatchNorm is a fixed affine map per channel."""
+    return not batchnorm.training and batchnorm.running_mean is not None and batchnorm.running_var is not None
+
+
+@torch.no_grad()
+def fold_batchnorm_(conv: nn.Conv2d, batchnorm: nn.BatchNorm2d) -> None:
+    """Fold ``batchnorm`` (eval mode) into ``conv`` in place: ``batchnorm(conv(x)) == conv(x)`` afterwards, to
+    float rounding (Ioffe & Szegedy 2015, Algorithm 2: inference uses the population statistics).
+
+    ``scale = gamma / sqrt(running_var + eps)``; ``weight <- weight * scale`` per output channel;
+    ``bias <- (bias - running_mean) * scale + beta`` (a missing bias counts as 0 and is created).
+
+    Raises:
+        ValueError: if the BatchNorm is in training mode, has no running statistics, or its channel count is not
+            the conv's output channel count.
+    """
+    if not _foldable(batchnorm):
+        raise ValueError("only an eval-mode BatchNorm2d with running statistics can be folded (call model.eval())")
+    if batchnorm.num_features != conv.out_channels:
+        raise ValueError(f"BatchNorm2d has {batchnorm.num_features} channels, the conv {conv.out_channels} outputs")
+    scale = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
+    if batchnorm.weight is not None:
+        scale = scale * batchnorm.weight
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(batchnorm.running_mean)
+    new_bias = (bias - batchnorm.running_mean) * scale
+    if batchnorm.bias is not None:
+        new_bias = new_bias + batchnorm.bias
+    conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
