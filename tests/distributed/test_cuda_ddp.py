@@ -30,13 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 
 class CudaReport(Callback):
-    """At the end of fit, writes per rank where the masks, weights and optimizer state live and whether every
-    masked weight and optimizer-state entry is exactly 0."""
+    """At the end of training (before Lightning's teardown moves the model and the optimizer state to the CPU),
+    writes per rank where the masks, weights and optimizer state live and whether every masked weight and
+    optimizer-state entry is exactly 0."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         masks = find_mask_owner(trainer, type(self).__name__).masks
         state = [
             value
