@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,23 +259,34 @@ def pack_conv2d_weight(
     )
 
 
-def _zero_padded_copy(x: Tensor, left: int, top: int, plane_h: int, plane_w: int, batch_inner: bool) -> Tensor:
-    """``x`` zero-padded to ``plane_h x plane_w`` (``left`` / ``top`` before it), in the kernel's layout, in one copy.
+_PADDED_INPUTS = threading.local()
+"""Per thread: the zero-bordered input buffers of :func:`_zero_padded_copy`, by geometry (at most
+:data:`_PADDED_INPUT_SLOTS`, least recently used dropped first)."""
+_PADDED_INPUT_SLOTS = 8
 
-    ``F.pad`` fills the whole new tensor with zeros and then copies ``x`` into it, and the batch-inner layout
-    needs one more copy; here only the border is zeroed and ``x`` is written once, straight into the layout the
-    kernel reads (``N, C, H, W`` or, with ``batch_inner``, ``C, H, W, N``).
+
+def _zero_padded_copy(x: Tensor, left: int, top: int, plane_h: int, plane_w: int, batch_inner: bool) -> Tensor:
+    """``x`` zero-padded to ``plane_h x plane_w`` (``left`` / ``top`` before it), in the kernel's layout.
+
+    ``F.pad`` allocates a new tensor, fills all of it with zeros and copies ``x`` in, and the batch-inner layout
+    needs one more copy. Here ``x`` is written once, straight into the layout the kernel reads (``N, C, H, W`` or,
+    with ``batch_inner``, ``C, H, W, N``), into a buffer kept per thread and geometry whose border was zeroed when
+    it was made and is never written since: the layers of a network share a few geometries, and a fresh
+    multi-megabyte tensor costs page faults on every call. The buffer is only read by the kernel call that follows.
     """
-    batch, channels, height, width = x.shape
+    batch, channels, height, width = (int(d) for d in x.shape)
     if not batch_inner and (left, top, plane_h, plane_w) == (0, 0, height, width):
         return x.contiguous()
-    shape = (channels, plane_h, plane_w, batch) if batch_inner else (batch, channels, plane_h, plane_w)
-    buffer = torch.empty(shape, dtype=x.dtype)
+    key = (batch, channels, height, width, left, top, plane_h, plane_w, batch_inner)
+    buffers: dict[tuple[int | bool, ...], Tensor] = _PADDED_INPUTS.__dict__.setdefault("buffers", {})
+    buffer = buffers.pop(key, None)
+    if buffer is None:
+        shape = (channels, plane_h, plane_w, batch) if batch_inner else (batch, channels, plane_h, plane_w)
+        buffer = torch.zeros(shape, dtype=torch.float32)
+        if len(buffers) >= _PADDED_INPUT_SLOTS:
+            buffers.pop(next(iter(buffers)))
+    buffers[key] = buffer  # (re)inserted last: the dict's order is the least-recently-used order
     view = buffer.permute(3, 0, 1, 2) if batch_inner else buffer  # indexed (N, C, H, W) whatever the layout
-    view[:, :, :top].zero_()
-    view[:, :, top + height :].zero_()
-    view[:, :, top : top + height, :left].zero_()
-    view[:, :, top : top + height, left + width :].zero_()
     view[:, :, top : top + height, left : left + width].copy_(x)
     return buffer
 

@@ -125,3 +125,16 @@ def test_sparse_conv2d_with_fused_relu_equals_relu_of_the_conv(batch_inner):
     expected = torch.relu(conv(x)).detach()
     assert (expected == 0).any() and (expected > 0).any()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_inner", [False, True])
+def test_reused_padded_input_buffer_never_leaks_an_earlier_input(batch_inner):
+    # The zero-bordered input buffer is kept per geometry: a second call, and a layer with other padding on an
+    # input of the same shape, must see only their own input and zeros around it.
+    conv = _masked_conv(0.5, bias=False, in_channels=3, out_channels=4, kernel_size=3, padding=1)
+    wide = _masked_conv(0.5, bias=False, in_channels=3, out_channels=4, kernel_size=3, padding=2)
+    for layer, scale in ((conv, 1e3), (conv, 1.0), (wide, 1.0), (conv, -1.0)):
+        x = scale * torch.randn(2, 3, 6, 6)
+        packed = pack_conv2d_weight(layer.weight, layer.stride, layer.dilation, layer.groups)
+        out = sparse_conv2d(x, packed, None, layer._reversed_padding_repeated_twice, batch_inner=batch_inner)
+        torch.testing.assert_close(out, layer(x).detach(), rtol=1e-5, atol=1e-4 * max(1.0, abs(scale)))
