@@ -24,7 +24,7 @@ from lightning_sparse.functional.sparse_conv import numba_available
 from lightning_sparse.nn.conv_fusion import ConvChain, find_conv_chains, fold_batchnorm_
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
 
-__all__ = ["InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
+__all__ = ["WHOLE_MODEL", "InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
 
 CANDIDATES = ("dense", "sparse", "sparse-batch-inner")
 """The implementations timed per layer: torch's dense kernel and the sparse kernel in its two memory layouts."""
@@ -119,6 +119,9 @@ class InferenceReport:
     """ReLU modules applied inside the sparse conv before them (now ``nn.Identity``)."""
     fusion_note: str = ""
     """Why nothing was folded, when the model could not be analysed (empty otherwise)."""
+    whole_model_ms: dict[str, float] = field(default_factory=dict)
+    """The whole-model check: ``"dense"`` (every layer dense) and ``"sparse"`` (as chosen) milliseconds; empty
+    when it did not run (no layer chose sparse, or a choice was forced)."""
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -168,6 +171,12 @@ class InferenceReport:
         )
         if self.fusion_note:
             fusion += f" ({self.fusion_note})"
+        if self.whole_model_ms:
+            kept = "sparse" if self.sparse_layers else "dense: every layer reverted"
+            fusion += (
+                f"; whole model: {self.whole_model_ms['dense']:.3f} ms all dense, "
+                f"{self.whole_model_ms['sparse']:.3f} ms as chosen, kept {kept}"
+            )
         return "\n".join(body) + f"\n({self.threads} thread(s); 'total' sums the timed layers only; {fusion})"
 
     def __str__(self) -> str:
@@ -214,6 +223,46 @@ def _convertible(module: nn.Module) -> str | None:
     if _has_hooks(module):
         return "has forward hooks"
     return None
+
+
+WHOLE_MODEL = "(whole model)"
+"""The layer name under which :func:`sparse_inference` passes the whole-model check to an injected timer."""
+
+
+def _check_whole_model(
+    converted: nn.Module,
+    all_dense: nn.Module,
+    example_input: Any,
+    report: InferenceReport,
+    timer: Timer | None,
+    repeats: int,
+) -> nn.Module:
+    """Time the converted model against the same model with every layer dense; keep the faster.
+
+    Layers are chosen one by one, each timed alone, but a layer's time depends on its neighbours: with several
+    threads torch's OpenMP workers spin for a while after each of its operators, on the cores the sparse kernel's
+    threads then need (docs/inference.md §3), which no single-layer timing sees. This check on the whole model
+    keeps ``sparse_inference`` from returning a model slower than the dense one. Records the times on ``report``
+    and, if dense is faster, turns every layer's choice back to dense.
+    """
+
+    def call(model: nn.Module) -> Callable[[], Any]:
+        return lambda: model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+
+    runs = {"dense": call(all_dense), "sparse": call(converted)}
+    with torch.no_grad():
+        if timer is None:
+            seconds = _interleaved_medians(runs, repeats)
+        else:
+            seconds = {candidate: timer(WHOLE_MODEL, candidate, run) for candidate, run in runs.items()}
+    report.whole_model_ms = {candidate: 1e3 * value for candidate, value in seconds.items()}
+    if seconds["sparse"] < seconds["dense"]:
+        return converted
+    for layer in report.layers:
+        if layer.choice != "dense":
+            layer.choice, layer.reason = "dense", "whole model faster dense"
+    report.fused_relus = []
+    return all_dense
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -290,7 +339,10 @@ def sparse_inference(
     :func:`~lightning_sparse.export.load_sparse`) are exact zeros in dense storage; every ``nn.Conv2d`` and
     ``nn.Linear`` whose density is at most ``max_density`` is timed on the input it receives for
     ``example_input`` with torch's dense kernel and with the direct sparse kernel in both memory layouts
-    (docs/inference.md §2-3). The fastest is kept. The choice depends on the batch size and the thread count
+    (docs/inference.md §2-3). The fastest is kept. Then the whole converted model is timed against the same model
+    with every layer dense, and if it is not faster every layer goes back to dense (a layer timed alone does not see
+    the thread contention between torch's operators and the sparse kernel; the check is skipped when a choice is
+    forced). The choice depends on the batch size and the thread count
     (``torch.get_num_threads()``, which the sparse kernel also uses): call again with an input of the batch size you
     will serve.
 
@@ -300,7 +352,8 @@ def sparse_inference(
         choose: ``"timed"`` (default: fastest measured), ``"sparse"`` or ``"dense"`` for every layer, or a mapping
             layer name -> ``"timed"`` / ``"dense"`` / ``"sparse"`` / ``"sparse-batch-inner"`` (unnamed layers
             are timed). ``"sparse"`` takes the faster measured sparse layout.
-        timer: ``timer(layer, candidate, run) -> seconds``, called once per candidate (e.g. :func:`median_timer`).
+        timer: ``timer(layer, candidate, run) -> seconds``, called once per candidate (e.g. :func:`median_timer`),
+            and once with the layer name :data:`WHOLE_MODEL` and candidates ``"dense"`` / ``"sparse"``.
             Inject one to force or replay a decision (the tests do). Default: the candidates of a layer are timed
             round-robin, ``repeats`` rounds after a warm-up call each, and their medians compared.
         repeats: timed calls per candidate and layer for the default timing.
@@ -358,6 +411,7 @@ def sparse_inference(
     chains, fusion_note = find_conv_chains(work) if fuse else ({}, "")
     folded = _fold_batchnorms(work, chains)
     inputs = _record_inputs(work, list(layers), example_input)
+    all_dense = copy.deepcopy(work)  # what the whole-model check below compares the converted model against
 
     choices: list[LayerChoice] = []
     fused_relus: list[str] = []
@@ -446,6 +500,8 @@ def sparse_inference(
         fused_relus=fused_relus,
         fusion_note=fusion_note or "",
     )
+    if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):
+        work = _check_whole_model(work, all_dense, example_input, report, timer, repeats)
     if verbose:
         print(report)
     return SparseInferenceModel(work, report)

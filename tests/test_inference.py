@@ -236,3 +236,27 @@ def test_batchnorm_is_folded_and_relu_fused_into_sparse_convs():
     assert plain.report.folded_batchnorms == plain.report.fused_relus == []
     assert isinstance(plain.module.bn1, nn.BatchNorm2d)
     _assert_matches(plain, model, x)
+
+
+def test_every_layer_goes_back_to_dense_when_the_whole_model_is_slower_sparse():
+    from lightning_sparse.inference import WHOLE_MODEL
+
+    model = _sparsify(AllGeometries(), 0.3)
+    x = torch.randn(4, 3, 12, 12)
+
+    def timer(layer, candidate, run):
+        run()
+        if layer == WHOLE_MODEL:  # each layer wins alone, the model as a whole loses (e.g. thread contention)
+            return 0.5 if candidate == "dense" else 1.0
+        return 1.0 if candidate == "dense" else 0.5
+
+    fast = sparse_inference(model, x, timer=timer, verbose=False)
+    assert fast.report.sparse_layers == [] and fast.report.fused_relus == []
+    assert {layer.reason for layer in fast.report.layers} == {"whole model faster dense"}
+    assert fast.report.whole_model_ms == {"dense": 500.0, "sparse": 1000.0}
+    assert "kept dense: every layer reverted" in str(fast.report)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    _assert_matches(fast, model, x)
+    # When the whole model wins too, the choice stands and the check is reported.
+    kept = sparse_inference(model, x, timer=_sparse_after_timing, verbose=False)
+    assert len(kept.report.sparse_layers) == 6 and kept.report.whole_model_ms == {"dense": 1000.0, "sparse": 500.0}
