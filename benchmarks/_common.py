@@ -135,7 +135,7 @@ def load_average_note(load_at_start: float) -> str:
     """
     return (
         f"1-minute load average {load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on "
-        f"{os.cpu_count()} cores (above the core count, other jobs shared them)"
+        f"{os.cpu_count()} cores (a load above the core count would mean other jobs shared them)"
     )
 
 
