@@ -274,7 +274,7 @@ def _fold_batchnorms(work: nn.Module, chains: Mapping[str, ConvChain]) -> list[s
     folded = []
     for chain in chains.values():
         conv = work.get_submodule(chain.conv)
-        if chain.batchnorm is None or _has_hooks(conv) or getattr(conv, "parametrizations", None) is not None:
+        if chain.batchnorm is None or _has_hooks(conv):  # find_conv_chains takes plain nn.Conv2d only
             continue
         batchnorm = work.get_submodule(chain.batchnorm)
         if _has_hooks(batchnorm):
