@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sparse.functional.sparse_conv import numba_available
-from lightning_sparse.nn.conv_fusion import ConvChain, find_conv_chains, fold_batchnorm_
+from lightning_sparse.nn.conv_fusion import ChannelAffine, ConvChain, find_conv_chains, fold_batchnorm_
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
 
 __all__ = ["WHOLE_MODEL", "InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
@@ -119,6 +119,12 @@ class InferenceReport:
     """ReLU modules applied inside the sparse conv before them (now ``nn.Identity``)."""
     fusion_note: str = ""
     """Why nothing was folded, when the model could not be analysed (empty otherwise)."""
+    affine_batchnorms: list[str] = field(default_factory=list)
+    """BatchNorm2d modules that could not be folded, replaced by their :class:`ChannelAffine` because batch-inner
+    layers hand on batch-innermost activations."""
+    layout_note: str = ""
+    """Why batch-inner layers return contiguous tensors, when the model did not run (or agree) with their
+    batch-innermost views (empty otherwise)."""
     whole_model_ms: dict[str, float] = field(default_factory=dict)
     """The whole-model check: ``"dense"`` (every layer dense) and ``"sparse"`` (as chosen) milliseconds; empty
     when it did not run (no layer chose sparse, or a choice was forced)."""
@@ -171,6 +177,10 @@ class InferenceReport:
         )
         if self.fusion_note:
             fusion += f" ({self.fusion_note})"
+        if self.affine_batchnorms:
+            fusion += f", {len(self.affine_batchnorms)} BatchNorm2d as channel affine maps"
+        if self.layout_note:
+            fusion += f"; {self.layout_note}"
         if self.whole_model_ms:
             kept = "sparse" if self.sparse_layers else "dense: every layer reverted"
             fusion += (
@@ -261,8 +271,58 @@ def _check_whole_model(
     for layer in report.layers:
         if layer.choice != "dense":
             layer.choice, layer.reason = "dense", "whole model faster dense"
-    report.fused_relus = []
+    report.fused_relus, report.affine_batchnorms, report.layout_note = [], [], ""
     return all_dense
+
+
+def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Replace each eval-mode ``BatchNorm2d`` left in ``work`` by its :class:`ChannelAffine`; return the replaced
+    modules by name (to put back if no layer ends up batch-inner).
+
+    Between batch-inner layers the activations stay batch-innermost; ``nn.BatchNorm2d`` would copy them to a
+    contiguous layout first, ``ChannelAffine`` computes the same map in their own layout.
+    """
+    replaced = {}
+    for name, module in list(work.named_modules()):
+        if type(module) is nn.BatchNorm2d and not _has_hooks(module) and not module.training:
+            if module.running_mean is not None and module.running_var is not None:
+                _set_submodule(work, name, ChannelAffine(module))
+                replaced[name] = module
+    return replaced
+
+
+def _run(model: nn.Module, example_input: Any) -> Any:
+    with torch.no_grad():
+        return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+
+
+def _keep_layout_if_it_runs(
+    converted: nn.Module, all_dense: nn.Module, example_input: Any, report: InferenceReport
+) -> None:
+    """Check that the converted model runs, and agrees with the dense one, while its batch-inner layers hand their
+    batch-innermost views on; otherwise make them return contiguous tensors.
+
+    A model's own code may need contiguous activations (``x.view(n, -1)`` on a feature map raises on a
+    batch-innermost one). Outputs are compared to 1e-4 of the largest dense output value.
+    """
+    expected = torch.utils._pytree.tree_leaves(_run(all_dense, example_input))
+    why = ""
+    try:
+        got = torch.utils._pytree.tree_leaves(_run(converted, example_input))
+    except RuntimeError as error:
+        why = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    else:
+        for want, have in zip(expected, got):
+            if isinstance(want, Tensor) and isinstance(have, Tensor) and want.numel():
+                tolerance = 1e-4 * max(float(want.abs().max()), 1e-12)
+                if want.shape != have.shape or float((want - have).abs().max()) > tolerance:
+                    why = "outputs differ from the dense model's"
+                    break
+    if why:
+        for module in converted.modules():
+            if isinstance(module, SparseConv2d):
+                module.contiguous_output = True
+        report.layout_note = f"batch-inner layers return contiguous tensors (with batch-innermost views: {why})"
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -285,28 +345,106 @@ def _fold_batchnorms(work: nn.Module, chains: Mapping[str, ConvChain]) -> list[s
     return folded
 
 
-def _record_inputs(model: nn.Module, names: list[str], example_input: Any) -> dict[str, Tensor]:
-    """Run ``model`` once on ``example_input`` and keep the input of each layer in ``names`` (first call)."""
-    modules = dict(model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
+class _LayerChooser(nn.Module):
+    """Stands in for one ``Conv2d`` / ``Linear`` during the choosing pass of :func:`sparse_inference`.
 
-        def hook(module: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if name not in inputs and args and isinstance(args[0], Tensor):
-                inputs[name] = args[0].detach().clone()
+    On its first call it times the candidates (:data:`CANDIDATES`) on the input it receives, keeps the fastest and
+    returns that one's output. So each layer is timed on the input the layers chosen before it really hand on: a
+    batch-innermost view after a batch-inner layer (cheap for a batch-inner layer to read, a transposing copy for
+    the others), a contiguous tensor after the rest.
+    """
 
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
+    def __init__(
+        self,
+        name: str,
+        layer: nn.Module,
+        wanted: str,
+        timer: Timer | None,
+        repeats: int,
+        max_density: float,
+        have_numba: bool,
+    ) -> None:
+        super().__init__()
+        weight = layer.weight.detach()
+        self.layer = layer
+        self.wanted, self.timer, self.repeats = wanted, timer, repeats
+        self.max_density, self.have_numba = max_density, have_numba
+        self.record = LayerChoice(
+            name=name,
+            kind="Conv2d" if isinstance(layer, nn.Conv2d) else "Linear",
+            weight_shape=tuple(weight.shape),
+            input_shape=None,
+            density=float((weight != 0).sum()) / max(1, weight.numel()),
+        )
+        self.chosen: nn.Module | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.chosen is None:
+            self.chosen = self._choose(x)
+        return self.chosen(x)
+
+    def finish(self) -> nn.Module:
+        """The chosen module (the original layer if it was not called, or stays dense)."""
+        if self.chosen is None:
+            why_not = "numba not installed" if not self.have_numba else _convertible(self.layer)
+            self.record.reason = why_not or "not called by example_input"
+            if self.wanted not in ("timed", "dense"):
+                raise ValueError(f"cannot run layer {self.record.name!r} sparse as asked ({self.record.reason})")
+            return self.layer
+        return self.chosen
+
+    def _time(self, runs: dict[str, Callable[[], Any]]) -> None:
         with torch.no_grad():
-            if isinstance(example_input, tuple):
-                model(*example_input)
+            if self.timer is None:
+                seconds = _interleaved_medians(runs, self.repeats)
             else:
-                model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
+                seconds = {candidate: self.timer(self.record.name, candidate, run) for candidate, run in runs.items()}
+        self.record.times_ms.update({candidate: 1e3 * value for candidate, value in seconds.items()})
+
+    def _choose(self, x: Tensor) -> nn.Module:
+        layer, record, wanted = self.layer, self.record, self.wanted
+        record.input_shape = tuple(x.shape)
+        why_not = "numba not installed" if not self.have_numba else _convertible(layer)
+        if why_not is None and x.dtype != torch.float32:
+            why_not = f"{x.dtype} input"
+        if why_not is None and wanted == "timed" and record.density > self.max_density:
+            why_not = f"density > {self.max_density}"
+        if why_not is not None or wanted == "dense":
+            record.reason = why_not or ("forced" if wanted == "dense" else "")
+            if wanted not in ("timed", "dense") and why_not is not None:
+                raise ValueError(f"cannot run layer {record.name!r} sparse as asked ({why_not})")
+            self._time({"dense": lambda: layer(x)})
+            return layer
+        if isinstance(layer, nn.Conv2d):
+            candidates: dict[str, nn.Module] = {
+                "sparse": SparseConv2d(layer, batch_inner=False),
+                "sparse-batch-inner": SparseConv2d(layer, batch_inner=True, contiguous_output=False),
+            }
+            samples = x.shape[0] if x.dim() == 4 else 1
+        else:
+            candidates = {
+                "sparse": SparseLinear(layer, batch_inner=False),
+                "sparse-batch-inner": SparseLinear(layer, batch_inner=True),
+            }
+            samples = x.numel() // max(1, x.shape[-1])
+        if samples == 1 and wanted != "sparse-batch-inner":
+            candidates.pop("sparse-batch-inner")  # a single sample: both layouts are the same computation
+        runs: dict[str, Callable[[], Any]] = {"dense": lambda: layer(x)}
+        runs.update({c: (lambda m=m: m(x)) for c, m in candidates.items()})
+        if wanted in candidates:
+            runs = {wanted: runs[wanted], "dense": runs["dense"]}
+        self._time(runs)
+        sparse_times = {c: t for c, t in record.times_ms.items() if c in candidates}
+        fastest_sparse = min(sparse_times, key=sparse_times.__getitem__)
+        if wanted in candidates:
+            record.choice, record.reason = wanted, "forced"
+        elif wanted == "sparse":
+            record.choice, record.reason = fastest_sparse, "forced"
+        elif record.times_ms[fastest_sparse] < record.times_ms["dense"]:
+            record.choice = fastest_sparse
+        else:
+            record.reason = "sparse slower"
+        return layer if record.choice == "dense" else candidates[record.choice]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -410,88 +548,31 @@ def sparse_inference(
         )
     chains, fusion_note = find_conv_chains(work) if fuse else ({}, "")
     folded = _fold_batchnorms(work, chains)
-    inputs = _record_inputs(work, list(layers), example_input)
     all_dense = copy.deepcopy(work)  # what the whole-model check below compares the converted model against
 
-    choices: list[LayerChoice] = []
+    affine = _batchnorms_as_affine(work) if fuse and have_numba else {}
+    choosers = {
+        name: _LayerChooser(name, layer, per_layer.get(name, default), timer, repeats, max_density, have_numba)
+        for name, layer in layers.items()
+    }
+    for name, chooser in choosers.items():
+        _set_submodule(work, name, chooser)
+    _run(work, example_input)  # each layer is chosen on its first call, on the input it really gets
+
     fused_relus: list[str] = []
-    for name, layer in layers.items():
-        weight = layer.weight.detach()
-        density = float((weight != 0).sum()) / max(1, weight.numel())
-        x = inputs.get(name)
-        record = LayerChoice(
-            name=name,
-            kind="Conv2d" if isinstance(layer, nn.Conv2d) else "Linear",
-            weight_shape=tuple(weight.shape),
-            input_shape=None if x is None else tuple(x.shape),
-            density=density,
-        )
-        choices.append(record)
-        wanted = per_layer.get(name, default)
-        why_not = "numba not installed" if not have_numba else _convertible(layer)
-        if why_not is None and x is None:
-            why_not = "not called by example_input"
-        if why_not is None and x.dtype != torch.float32:
-            why_not = f"{x.dtype} input"
-        if why_not is None and wanted == "timed" and density > max_density:
-            why_not = f"density > {max_density}"
-        if why_not is not None or wanted == "dense":
-            record.reason = why_not or ("forced" if wanted == "dense" else "")
-            if wanted not in ("timed", "dense") and why_not is not None:
-                raise ValueError(f"cannot run layer {name!r} sparse as asked ({why_not})")
-            if x is not None:
-                dense = {"dense": lambda layer=layer, x=x: layer(x)}
-                seconds = (
-                    _interleaved_medians(dense, repeats)
-                    if timer is None
-                    else {"dense": timer(name, "dense", dense["dense"])}
-                )
-                record.times_ms["dense"] = 1e3 * seconds["dense"]
-            continue
-        if isinstance(layer, nn.Conv2d):
-            candidates = {
-                "sparse": SparseConv2d(layer, batch_inner=False),
-                "sparse-batch-inner": SparseConv2d(layer, batch_inner=True),
-            }
-        else:
-            candidates = {
-                "sparse": SparseLinear(layer, batch_inner=False),
-                "sparse-batch-inner": SparseLinear(layer, batch_inner=True),
-            }
-        if isinstance(layer, nn.Conv2d):
-            samples = x.shape[0] if x.dim() == 4 else 1
-        else:
-            samples = x.numel() // max(1, x.shape[-1])
-        if samples == 1 and wanted != "sparse-batch-inner":
-            candidates.pop("sparse-batch-inner")  # a single sample: both layouts are the same computation
-        runs: dict[str, Callable[[], Any]] = {"dense": lambda layer=layer, x=x: layer(x)}
-        runs.update({c: (lambda m=m, x=x: m(x)) for c, m in candidates.items()})
-        if wanted in candidates:
-            runs = {wanted: runs[wanted], "dense": runs["dense"]}
-        with torch.no_grad():
-            if timer is None:
-                record.times_ms.update({c: 1e3 * t for c, t in _interleaved_medians(runs, repeats).items()})
-            else:
-                for candidate, run in runs.items():
-                    record.times_ms[candidate] = 1e3 * timer(name, candidate, run)
-        sparse_times = {c: t for c, t in record.times_ms.items() if c in candidates}
-        fastest_sparse = min(sparse_times, key=sparse_times.__getitem__)
-        if wanted in candidates:
-            record.choice, record.reason = wanted, "forced"
-        elif wanted == "sparse":
-            record.choice, record.reason = fastest_sparse, "forced"
-        elif record.times_ms[fastest_sparse] < record.times_ms["dense"]:
-            record.choice = fastest_sparse
-        else:
-            record.reason = "sparse slower"
-        if record.choice != "dense":
-            chosen = candidates[record.choice]
-            relu = chains[name].relu if name in chains else None
-            if isinstance(chosen, SparseConv2d) and relu is not None and not _has_hooks(work.get_submodule(relu)):
-                chosen.relu = True
-                _set_submodule(work, relu, nn.Identity())
-                fused_relus.append(relu)
-            _set_submodule(work, name, chosen)
+    for name, chooser in choosers.items():
+        chosen = chooser.finish()
+        relu = chains[name].relu if name in chains else None
+        if isinstance(chosen, SparseConv2d) and relu is not None and not _has_hooks(work.get_submodule(relu)):
+            chosen.relu = True
+            _set_submodule(work, relu, nn.Identity())
+            fused_relus.append(relu)
+        _set_submodule(work, name, chosen)
+    choices = [chooser.record for chooser in choosers.values()]
+    if not any(isinstance(m, SparseConv2d) and m.batch_inner for m in work.modules()):
+        for name, batchnorm in affine.items():  # only batch-innermost activations need them
+            _set_submodule(work, name, batchnorm)
+        affine = {}
 
     report = InferenceReport(
         layers=choices,
@@ -500,6 +581,9 @@ def sparse_inference(
         fused_relus=fused_relus,
         fusion_note=fusion_note or "",
     )
+    report.affine_batchnorms = list(affine)
+    if any(isinstance(m, SparseConv2d) and not m.contiguous_output for m in work.modules()):
+        _keep_layout_if_it_runs(work, all_dense, example_input, report)
     if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):
         work = _check_whole_model(work, all_dense, example_input, report, timer, repeats)
     if verbose:

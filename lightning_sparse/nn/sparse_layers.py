@@ -54,6 +54,9 @@ class SparseConv2d(_PackedLayer):
         batch_inner: interleave the samples in memory (better for small planes at large batch; see
             :func:`lightning_sparse.functional.sparse_conv.sparse_conv2d`).
         relu: apply a ReLU to the output as it is written (the layer then stands for ``relu(conv(x))``).
+        contiguous_output: with ``batch_inner``, return a contiguous tensor; ``False`` returns the ``(N, C, H, W)``
+            view of the batch-innermost result, which the next batch-inner layer reads without a transposing copy
+            (see :func:`~lightning_sparse.functional.sparse_conv.sparse_conv2d`). ``sparse_inference`` sets it.
 
     Example:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
@@ -65,7 +68,9 @@ class SparseConv2d(_PackedLayer):
         True
     """
 
-    def __init__(self, conv: nn.Conv2d, batch_inner: bool = False, relu: bool = False) -> None:
+    def __init__(
+        self, conv: nn.Conv2d, batch_inner: bool = False, relu: bool = False, contiguous_output: bool = True
+    ) -> None:
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d is built from an nn.Conv2d, got {type(conv).__name__}")
@@ -73,18 +78,29 @@ class SparseConv2d(_PackedLayer):
         self.padding = tuple(int(p) for p in conv._reversed_padding_repeated_twice)
         self.batch_inner = batch_inner
         self.relu = relu
+        self.contiguous_output = contiguous_output
         self._keep(conv.weight, pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups), conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution over the active weights only."""
         _refuse_autograd(x, "SparseConv2d")
-        return sparse_conv2d(x, self.packed, self.bias, self.padding, self.padding_mode, self.batch_inner, self.relu)
+        return sparse_conv2d(
+            x,
+            self.packed,
+            self.bias,
+            self.padding,
+            self.padding_mode,
+            self.batch_inner,
+            self.relu,
+            self.contiguous_output,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-            f"density={self.density:.4f}, batch_inner={self.batch_inner}, relu={self.relu}"
+            f"density={self.density:.4f}, batch_inner={self.batch_inner}, relu={self.relu}, "
+            f"contiguous_output={self.contiguous_output}"
         )
 
 
