@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sparse.functional.sparse_conv import numba_available
-from lightning_sparse.nn.conv_fusion import ChannelAffine, ConvChain, find_conv_chains, fold_batchnorm_
+from lightning_sparse.nn.conv_fusion import (
+    ChannelAffine,
+    ConvChain,
+    find_batchnorm_relus,
+    find_conv_chains,
+    fold_batchnorm_,
+)
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
 
 __all__ = ["WHOLE_MODEL", "InferenceReport", "LayerChoice", "SparseInferenceModel", "median_timer", "sparse_inference"]
@@ -275,19 +281,27 @@ def _check_whole_model(
     return all_dense
 
 
-def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.BatchNorm2d]:
-    """Replace each eval-mode ``BatchNorm2d`` left in ``work`` by its :class:`ChannelAffine`; return the replaced
-    modules by name (to put back if no layer ends up batch-inner).
+def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.Module]:
+    """Replace each eval-mode ``BatchNorm2d`` left in ``work`` by its :class:`ChannelAffine` (taking in the ReLU
+    module that is its only user, which becomes ``nn.Identity``); return the replaced modules by name (to put back
+    if no layer ends up batch-inner).
 
     Between batch-inner layers the activations stay batch-innermost; ``nn.BatchNorm2d`` would copy them to a
     contiguous layout first, ``ChannelAffine`` computes the same map in their own layout.
     """
-    replaced = {}
+    relus = find_batchnorm_relus(work)
+    replaced: dict[str, nn.Module] = {}
     for name, module in list(work.named_modules()):
         if type(module) is nn.BatchNorm2d and not _has_hooks(module) and not module.training:
             if module.running_mean is not None and module.running_var is not None:
-                _set_submodule(work, name, ChannelAffine(module))
+                relu = relus.get(name)
+                if relu is not None and _has_hooks(work.get_submodule(relu)):
+                    relu = None
+                _set_submodule(work, name, ChannelAffine(module, relu=relu is not None))
                 replaced[name] = module
+                if relu is not None:
+                    replaced[relu] = work.get_submodule(relu)
+                    _set_submodule(work, relu, nn.Identity())
     return replaced
 
 
@@ -581,7 +595,7 @@ def sparse_inference(
         fused_relus=fused_relus,
         fusion_note=fusion_note or "",
     )
-    report.affine_batchnorms = list(affine)
+    report.affine_batchnorms = [name for name, module in affine.items() if isinstance(module, nn.BatchNorm2d)]
     if any(isinstance(m, SparseConv2d) and not m.contiguous_output for m in work.modules()):
         _keep_layout_if_it_runs(work, all_dense, example_input, report)
     if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_sparse.functional._openmp_team import OpenMPTeam, address_as_voidptr, torch_openmp_team
 
 __all__ = [
     "PackedSparseWeight",
@@ -51,8 +52,6 @@ try:  # numba is optional (the [inference] extra); without it only the dense pat
     from numba import prange as _prange
 except ImportError:  # pragma: no cover - exercised where numba is absent
     _prange = range
-
-_KERNELS: dict[bool, Any] = {}
 
 
 def numba_available() -> bool:
@@ -75,27 +74,26 @@ def _require_numba() -> Any:
     return numba
 
 
-def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-    """Numba body: for each (sample block, block of output rows, output channel), accumulate ``value x window``
-    over the channel's taps, then write the output (through a ReLU if ``relu``).
+def _taps(x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu, begin, stop, scratch):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """Numba body: tasks ``begin`` to ``stop`` of a layer. A task is (sample block, block of output rows, output
+    channel): accumulate ``value x window`` over the channel's taps, then write the output (through a ReLU if
+    ``relu``).
 
     The output channel varies fastest over the tasks, so the tasks a thread runs in a row read the same input rows
     (they stay in cache). A block of one row is accumulated straight into the output; a block of several rows is
     accumulated over the joined rows (the ``in_row - out_row`` entries between two rows are computed and dropped)
-    in a scratch buffer, then copied out.
-
-    Compiled with ``parallel=True``, and without it as :data:`_taps_serial` (``prange`` is then ``range``).
+    in ``scratch``, then copied out.
     """
     channels = rowptr.shape[0] - 1
     blocks = (out_h + block_rows - 1) // block_rows
-    for task in _prange(outer * blocks * channels):
+    for task in range(begin, stop):
         o = task % channels
         sample = task // (blocks * channels)
         y = (task // channels - sample * blocks) * block_rows
         rows = min(block_rows, out_h - y)
         span = (rows - 1) * in_row + out_row
         target = ((sample * channels + o) * out_h + y) * out_row
-        acc = out[target : target + out_row] if rows == 1 else np.empty(span, dtype=np.float32)
+        acc = out[target : target + out_row] if rows == 1 else scratch[:span]
         first = sample * sample_size + y * in_row
         b = bias[o]
         for p in range(span):
@@ -140,41 +138,108 @@ def _taps_parallel(x, rowptr, offsets, values, bias, out, outer, sample_size, in
                 out[target + r * out_row : target + (r + 1) * out_row] = acc[r * in_row : r * in_row + out_row]
 
 
-def _named_copy(function: Any, name: str) -> Any:
-    """``function`` as a second function object called ``name``: the same code under another name.
-
-    numba keys its on-disk cache (``cache=True``) by the function's module and name, not by the compile options
-    (numba issue #6845), so one function compiled with and without ``parallel`` would load whichever compilation
-    was cached first. Under ``parallel=False`` numba compiles ``prange`` as ``range``: the serial copy's machine code
-    is that of a separate serial body (compared instruction by instruction with numba's ``inspect_asm``).
-    """
-    copy = types.FunctionType(
-        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
-    )
-    copy.__qualname__ = name
-    return copy
+def _taps_on_numba_threads(x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu, tasks, scratch):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """Numba body: all ``tasks`` on numba's thread pool, one contiguous share (and one scratch row) per thread."""
+    shares = scratch.shape[0]
+    for share in _prange(shares):
+        _taps_compiled(
+            x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu,
+            tasks * share // shares, tasks * (share + 1) // shares, scratch[share],
+        )  # fmt: skip
 
 
-_taps_serial = _named_copy(_taps_parallel, "_taps_serial")
-"""The kernel without the thread pool (one thread: no hand-off to a worker thread per call)."""
+_taps_compiled: Any = None
+""":func:`_taps` compiled (set by :func:`_compiled`; numba resolves this global when it compiles the callers)."""
+_COMPILED: dict[str, Any] = {}
 
 
-def _kernel(threads: int) -> Any:
-    """The compiled kernel for ``threads`` threads (compiled on first use, cached on disk by numba)."""
-    parallel = threads > 1
-    if parallel not in _KERNELS:
+def _compiled() -> dict[str, Any]:
+    """The compiled kernels (on first use; numba caches them on disk): ``"taps"``, ``"numba_threads"`` and, where
+    torch's own libgomp is loaded, ``"team_entry"`` (see :mod:`lightning_sparse.functional._openmp_team`)."""
+    global _taps_compiled
+    if not _COMPILED:
         numba = _require_numba()
         if "NUMBA_THREADING_LAYER" not in os.environ:
-            # Measured here (docs/inference.md §4): numba's OpenMP pool next to torch's OpenMP made torch's own
-            # dense convolutions ~12x slower in the same process; the workqueue pool leaves them alone. An
-            # explicit NUMBA_THREADING_LAYER setting wins.
+            # Measured here (docs/inference.md §2): numba's OpenMP pool next to torch's made torch's own convolutions
+            # slower in the same process; the workqueue pool leaves them alone. An explicit setting wins.
             numba.config.THREADING_LAYER = "workqueue"
-        body = _taps_parallel if parallel else _taps_serial
-        _KERNELS[parallel] = numba.njit(parallel=parallel, fastmath=True, boundscheck=False, cache=True)(body)
-    if parallel:
+        _taps_compiled = numba.njit(fastmath=True, boundscheck=False, cache=True)(_taps)
+        _COMPILED["taps"] = _taps_compiled
+        _COMPILED["numba_threads"] = numba.njit(parallel=True, cache=True)(_taps_on_numba_threads)
+        team = torch_openmp_team()
+        if team is not None:
+            _COMPILED["team_entry"] = _team_entry(numba, team)
+    return _COMPILED
+
+
+def _team_entry(numba: Any, team: OpenMPTeam) -> Any:
+    """A C callback for ``GOMP_parallel``: each thread of torch's team runs its share of the tasks.
+
+    Its one argument points to the int64 block written by :func:`_run_taps`: the arrays' addresses and lengths,
+    then the layer's sizes.
+    """
+    from numba import types
+
+    taps, as_pointer = _taps_compiled, address_as_voidptr()
+    thread_num, num_threads = team.thread_num, team.num_threads
+
+    @numba.cfunc(types.void(types.CPointer(types.int64)))
+    def entry(block):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        a = numba.carray(block, (_BLOCK_LENGTH,))
+        x = numba.carray(as_pointer(a[0]), (a[1],), np.float32)
+        rowptr = numba.carray(as_pointer(a[2]), (a[3],), np.int64)
+        offsets = numba.carray(as_pointer(a[4]), (a[5],), np.int64)
+        values = numba.carray(as_pointer(a[6]), (a[5],), np.float32)
+        bias = numba.carray(as_pointer(a[7]), (a[3] - 1,), np.float32)
+        out = numba.carray(as_pointer(a[8]), (a[9],), np.float32)
+        thread, threads = thread_num(), num_threads()
+        scratch = numba.carray(as_pointer(a[18] + 4 * a[19] * thread), (a[19],), np.float32)
+        tasks = a[17]
+        begin, stop = tasks * thread // threads, tasks * (thread + 1) // threads
+        taps(x, rowptr, offsets, values, bias, out, a[10], a[11], a[12], a[13], a[14], a[15], a[16] != 0, begin, stop, scratch)  # fmt: skip
+
+    return entry
+
+
+_BLOCK_LENGTH = 20
+"""Entries of the int64 argument block of :func:`_team_entry`."""
+
+_USE_TORCH_TEAM = True
+"""Run the kernel on torch's OpenMP team where it can (the tests switch it off to cover numba's pool)."""
+
+
+def _run_taps(
+    x: Tensor,
+    packed: PackedSparseWeight,
+    offsets: Tensor,
+    bias: Tensor,
+    out: Tensor,
+    geometry: tuple[int, int, int, int, int, int],
+    relu: bool,
+) -> None:
+    """Run the kernel with ``torch.get_num_threads()`` threads; ``geometry`` is ``(outer, sample_size, in_row,
+    out_h, out_row, block_rows)`` (see :func:`_taps`)."""
+    kernels = _compiled()
+    outer, sample_size, in_row, out_h, out_row, block_rows = geometry
+    tasks = outer * -(-out_h // block_rows) * packed.out_channels
+    threads = max(1, min(torch.get_num_threads(), tasks))
+    span = (min(block_rows, out_h) - 1) * in_row + out_row if block_rows > 1 else 1
+    scratch = np.empty((threads, span), dtype=np.float32)
+    arrays = (x.numpy(), packed.rowptr.numpy(), offsets.numpy(), packed.values.numpy(), bias.numpy(), out.numpy())
+    if threads == 1:
+        kernels["taps"](*arrays, *geometry, relu, 0, tasks, scratch[0])
+    elif _USE_TORCH_TEAM and "team_entry" in kernels:
+        block = np.array(
+            [x.data_ptr(), x.numel(), packed.rowptr.data_ptr(), packed.rowptr.numel(), offsets.data_ptr(),
+             offsets.numel(), packed.values.data_ptr(), bias.data_ptr(), out.data_ptr(), out.numel(), *geometry,
+             int(relu), tasks, scratch.ctypes.data, span],
+            dtype=np.int64,
+        )  # fmt: skip
+        torch_openmp_team().run(kernels["team_entry"].address, block, threads)  # type: ignore[union-attr]
+    else:
         numba = _require_numba()
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    return _KERNELS[parallel]
+        kernels["numba_threads"](*arrays, *geometry, relu, tasks, scratch[: numba.get_num_threads()])
 
 
 @dataclass
@@ -385,7 +450,7 @@ def sparse_conv2d(
         )
     if x.shape[1] != packed.in_channels:
         raise ValueError(f"the layer expects {packed.in_channels} input channels, the input has {x.shape[1]}")
-    kernel = _kernel(torch.get_num_threads())
+    _compiled()  # ImportError without numba, before any work
     left, right, top, bottom = padding
     if padding_mode != "zeros" and any(padding):
         x = F.pad(x, padding, mode=padding_mode)
@@ -408,23 +473,18 @@ def sparse_conv2d(
         if bias is None
         else bias.detach().to("cpu", torch.float32).contiguous()
     )
-    kernel(
-        planes.view(-1).numpy(),
-        packed.rowptr.numpy(),
-        packed.offsets(plane_h, plane_w, inner).numpy(),
-        packed.values.numpy(),
-        bias_values.numpy(),
-        out.view(-1).numpy(),
-        outer,
-        channels * s_h * s_w * plane_h * plane_w * inner,
-        plane_w * inner,
-        out_h,
-        out_w * inner,
+    _run_taps(
+        planes.view(-1),
+        packed,
+        packed.offsets(plane_h, plane_w, inner),
+        bias_values,
+        out.view(-1),
         # Batch-inner rows are long (W_o x N entries): one row per block, accumulated in place. Per-sample rows
         # are short: a whole plane per block, its rows joined into one long loop.
-        1 if batch_inner else out_h,
+        (outer, channels * s_h * s_w * plane_h * plane_w * inner, plane_w * inner, out_h, out_w * inner,
+         1 if batch_inner else out_h),
         relu,
-    )
+    )  # fmt: skip
     if batch_inner:
         out = out[0].permute(3, 0, 1, 2)
         out = out.contiguous() if contiguous else out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ChannelAffine", "ConvChain", "find_conv_chains", "fold_batchnorm_"]
+__all__ = ["ChannelAffine", "ConvChain", "find_batchnorm_relus", "find_conv_chains", "fold_batchnorm_"]
 
 
 @dataclass
@@ -39,6 +39,44 @@ class ConvChain:
     relu: str | None = None
 
 
+class _Graph:
+    """``model`` traced with ``torch.fx``: its modules, how often each is called, and the single-user test."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.graph = torch.fx.Tracer().trace(model)
+        self.modules = dict(model.named_modules())
+        self.calls = Counter(node.target for node in self.graph.nodes if node.op == "call_module")
+
+    def called_once(self, node: torch.fx.Node, kind: type[nn.Module]) -> bool:
+        """``node`` calls a module of exactly type ``kind`` that is called nowhere else."""
+        return (
+            node.op == "call_module" and self.calls[node.target] == 1 and type(self.modules.get(node.target)) is kind
+        )
+
+    def single_module_user(self, node: torch.fx.Node, kind: type[nn.Module]) -> torch.fx.Node | None:
+        """The only user of ``node``'s output, if it is a module of type ``kind`` (or a subclass) called only there
+        and only on that output; else None."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or self.calls[users[0].target] != 1:
+            return None
+        user = users[0]
+        if (
+            not isinstance(self.modules.get(user.target), kind)
+            or len(user.args) != 1
+            or user.kwargs
+            or user.args[0] is not node
+        ):
+            return None
+        return user
+
+
+def _trace(model: nn.Module) -> tuple[_Graph | None, str | None]:
+    try:
+        return _Graph(model), None
+    except Exception as error:  # noqa: BLE001 - any tracing failure only means: no fusion
+        return None, f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+
+
 def find_conv_chains(model: nn.Module) -> tuple[dict[str, ConvChain], str | None]:
     """Trace ``model`` with ``torch.fx`` and return its conv -> BatchNorm -> ReLU chains.
 
@@ -53,42 +91,42 @@ def find_conv_chains(model: nn.Module) -> tuple[dict[str, ConvChain], str | None
         ``(chains, why_not)``: the chains by conv name (only convs with a BatchNorm or ReLU after them), and None;
         or ``({}, reason)`` when the model cannot be traced (data-dependent control flow, for example).
     """
-    try:
-        graph = torch.fx.Tracer().trace(model)
-    except Exception as error:  # noqa: BLE001 - any tracing failure only means: no fusion
-        return {}, f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-    modules = dict(model.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-
-    def single_module_user(node: torch.fx.Node, kind: type[nn.Module]) -> torch.fx.Node | None:
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
-            return None
-        user = users[0]
-        if (
-            not isinstance(modules.get(user.target), kind)
-            or len(user.args) != 1
-            or user.kwargs
-            or user.args[0] is not node
-        ):
-            return None
-        return user
-
+    traced, why_not = _trace(model)
+    if traced is None:
+        return {}, why_not
     chains: dict[str, ConvChain] = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or type(modules.get(node.target)) is not nn.Conv2d:
+    for node in traced.graph.nodes:
+        if not traced.called_once(node, nn.Conv2d):
             continue
         chain = ConvChain(conv=node.target)
         last = node
-        batchnorm = single_module_user(node, nn.BatchNorm2d)
-        if batchnorm is not None and _foldable(modules[batchnorm.target]):
+        batchnorm = traced.single_module_user(node, nn.BatchNorm2d)
+        if batchnorm is not None and _foldable(traced.modules[batchnorm.target]):
             chain.batchnorm, last = batchnorm.target, batchnorm
-        relu = single_module_user(last, nn.ReLU)
+        relu = traced.single_module_user(last, nn.ReLU)
         if relu is not None:
             chain.relu = relu.target
         if chain.batchnorm or chain.relu:
             chains[chain.conv] = chain
     return chains, None
+
+
+def find_batchnorm_relus(model: nn.Module) -> dict[str, str]:
+    """The ``BatchNorm2d -> ReLU`` pairs of ``model`` where the ReLU module is the BatchNorm's only user (and both
+    are called once): BatchNorm name -> ReLU name. Empty when ``torch.fx`` cannot trace the model.
+
+    Such a pair is one :class:`ChannelAffine` with ``relu=True`` (a pre-activation block's ``relu(bn(x))``).
+    """
+    traced, _ = _trace(model)
+    if traced is None:
+        return {}
+    pairs = {}
+    for node in traced.graph.nodes:
+        if traced.called_once(node, nn.BatchNorm2d):
+            relu = traced.single_module_user(node, nn.ReLU)
+            if relu is not None:
+                pairs[node.target] = relu.target
+    return pairs
 
 
 def _foldable(batchnorm: nn.BatchNorm2d) -> bool:
@@ -134,13 +172,16 @@ class ChannelAffine(nn.Module):
     Args:
         batchnorm: an eval-mode ``BatchNorm2d`` with running statistics (Ioffe & Szegedy 2015, Algorithm 2:
             ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``).
+        relu: apply a ReLU in place on the result (the module then stands for ``relu(batchnorm(x))``; no second
+            tensor is allocated).
 
     Raises:
         ValueError: if the BatchNorm is in training mode or has no running statistics.
     """
 
-    def __init__(self, batchnorm: nn.BatchNorm2d) -> None:
+    def __init__(self, batchnorm: nn.BatchNorm2d, relu: bool = False) -> None:
         super().__init__()
+        self.relu = relu
         if not _foldable(batchnorm):
             raise ValueError("only an eval-mode BatchNorm2d with running statistics is an affine map (call .eval())")
         with torch.no_grad():
@@ -154,8 +195,9 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone().view(-1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * scale + shift`` per channel (``x`` is ``(N, C, H, W)`` or ``(C, H, W)``)."""
-        return torch.addcmul(self.shift, x, self.scale)
+        """``x * scale + shift`` per channel (``x`` is ``(N, C, H, W)`` or ``(C, H, W)``), through a ReLU if set."""
+        out = torch.addcmul(self.shift, x, self.scale)
+        return out.relu_() if self.relu else out
 
     def extra_repr(self) -> str:
-        return f"{self.scale.shape[0]}"
+        return f"{self.scale.shape[0]}, relu={self.relu}"
