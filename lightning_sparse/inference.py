@@ -26,6 +26,7 @@ from lightning_sparse.nn.conv_fusion import (
     ConvChain,
     find_batchnorm_relus,
     find_conv_chains,
+    find_preactivated_convs,
     fold_batchnorm_,
 )
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
@@ -128,6 +129,8 @@ class InferenceReport:
     affine_batchnorms: list[str] = field(default_factory=list)
     """BatchNorm2d modules that could not be folded, replaced by their :class:`ChannelAffine` because batch-inner
     layers hand on batch-innermost activations."""
+    input_activations: list[str] = field(default_factory=list)
+    """Of those, the ones (with their ReLU) applied by the sparse conv they feed as it copies its input."""
     layout_note: str = ""
     """Why batch-inner layers return contiguous tensors, when the model did not run (or agree) with their
     batch-innermost views (empty otherwise)."""
@@ -185,6 +188,8 @@ class InferenceReport:
             fusion += f" ({self.fusion_note})"
         if self.affine_batchnorms:
             fusion += f", {len(self.affine_batchnorms)} BatchNorm2d as channel affine maps"
+        if self.input_activations:
+            fusion += f" ({len(self.input_activations)} of them, with their ReLU, inside the sparse conv they feed)"
         if self.layout_note:
             fusion += f"; {self.layout_note}"
         if self.whole_model_ms:
@@ -277,7 +282,7 @@ def _check_whole_model(
     for layer in report.layers:
         if layer.choice != "dense":
             layer.choice, layer.reason = "dense", "whole model faster dense"
-    report.fused_relus, report.affine_batchnorms, report.layout_note = [], [], ""
+    report.fused_relus, report.affine_batchnorms, report.input_activations, report.layout_note = [], [], [], ""
     return all_dense
 
 
@@ -305,6 +310,24 @@ def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.Module]:
     return replaced
 
 
+def _apply_input_activations(work: nn.Module, preactivated: Mapping[str, str]) -> list[str]:
+    """Take each ``ChannelAffine`` (with its ReLU) that only feeds a sparse conv into that conv's input copy
+    (:meth:`SparseConv2d.apply_input_activation`), leaving ``nn.Identity`` in its place; return their names."""
+    applied = []
+    for conv_name, batchnorm_name in preactivated.items():
+        conv, affine = work.get_submodule(conv_name), work.get_submodule(batchnorm_name)
+        if isinstance(conv, SparseConv2d) and isinstance(affine, ChannelAffine) and affine.relu:
+            if conv.padding_mode == "zeros" and conv.input_scale is None:
+                conv.apply_input_activation(affine.scale, affine.shift)
+                _set_submodule(work, batchnorm_name, nn.Identity())
+                applied.append(batchnorm_name)
+    return applied
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+
+
 def _run(model: nn.Module, example_input: Any) -> Any:
     with torch.no_grad():
         return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
@@ -324,7 +347,7 @@ def _keep_layout_if_it_runs(
     try:
         got = torch.utils._pytree.tree_leaves(_run(converted, example_input))
     except RuntimeError as error:
-        why = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        why = _first_line(error)
     else:
         for want, have in zip(expected, got):
             if isinstance(want, Tensor) and isinstance(have, Tensor) and want.numel():
@@ -391,6 +414,14 @@ class _LayerChooser(nn.Module):
             density=float((weight != 0).sum()) / max(1, weight.numel()),
         )
         self.chosen: nn.Module | None = None
+        self.contiguous_output = False
+
+    def restart(self, contiguous_output: bool) -> None:
+        """Forget the choice, to choose again on the next call (batch-inner candidates returning contiguous
+        tensors if ``contiguous_output``)."""
+        self.chosen, self.contiguous_output = None, contiguous_output
+        self.record.times_ms.clear()
+        self.record.choice, self.record.reason, self.record.input_shape = "dense", "", None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.chosen is None:
@@ -432,7 +463,9 @@ class _LayerChooser(nn.Module):
         if isinstance(layer, nn.Conv2d):
             candidates: dict[str, nn.Module] = {
                 "sparse": SparseConv2d(layer, batch_inner=False),
-                "sparse-batch-inner": SparseConv2d(layer, batch_inner=True, contiguous_output=False),
+                "sparse-batch-inner": SparseConv2d(
+                    layer, batch_inner=True, contiguous_output=self.contiguous_output
+                ),
             }
             samples = x.shape[0] if x.dim() == 4 else 1
         else:
@@ -562,6 +595,7 @@ def sparse_inference(
         )
     chains, fusion_note = find_conv_chains(work) if fuse else ({}, "")
     folded = _fold_batchnorms(work, chains)
+    preactivated = find_preactivated_convs(work) if fuse else {}
     all_dense = copy.deepcopy(work)  # what the whole-model check below compares the converted model against
 
     affine = _batchnorms_as_affine(work) if fuse and have_numba else {}
@@ -571,7 +605,14 @@ def sparse_inference(
     }
     for name, chooser in choosers.items():
         _set_submodule(work, name, chooser)
-    _run(work, example_input)  # each layer is chosen on its first call, on the input it really gets
+    layout_note = ""
+    try:
+        _run(work, example_input)  # each layer is chosen on its first call, on the input it really gets
+    except RuntimeError as error:  # the model's own code may need contiguous activations (x.view(n * c, -1))
+        layout_note = f"batch-inner layers return contiguous tensors (with batch-innermost views: {_first_line(error)})"
+        for chooser in choosers.values():
+            chooser.restart(contiguous_output=True)
+        _run(work, example_input)
 
     fused_relus: list[str] = []
     for name, chooser in choosers.items():
@@ -587,6 +628,7 @@ def sparse_inference(
         for name, batchnorm in affine.items():  # only batch-innermost activations need them
             _set_submodule(work, name, batchnorm)
         affine = {}
+    input_activations = _apply_input_activations(work, preactivated)
 
     report = InferenceReport(
         layers=choices,
@@ -595,7 +637,9 @@ def sparse_inference(
         fused_relus=fused_relus,
         fusion_note=fusion_note or "",
     )
+    report.layout_note = layout_note
     report.affine_batchnorms = [name for name, module in affine.items() if isinstance(module, nn.BatchNorm2d)]
+    report.input_activations = input_activations
     if any(isinstance(m, SparseConv2d) and not m.contiguous_output for m in work.modules()):
         _keep_layout_if_it_runs(work, all_dense, example_input, report)
     if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):

@@ -260,3 +260,77 @@ def test_every_layer_goes_back_to_dense_when_the_whole_model_is_slower_sparse():
     # When the whole model wins too, the choice stands and the check is reported.
     kept = sparse_inference(model, x, timer=_sparse_after_timing, verbose=False)
     assert len(kept.report.sparse_layers) == 6 and kept.report.whole_model_ms == {"dense": 1000.0, "sparse": 500.0}
+
+
+class PreActivation(nn.Module):
+    """Two pre-activation residual blocks (BatchNorm -> ReLU -> conv, BatchNorms after the additions unfoldable),
+    then a head that, if ``view_head``, averages each (sample, channel) plane through ``.view(n * c, -1)``, which
+    cannot view a batch-innermost tensor (samples and channels are not adjacent in its memory)."""
+
+    def __init__(self, view_head: bool = False) -> None:
+        super().__init__()
+        self.view_head = view_head
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.act1, self.conv1 = nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2, self.act2, self.conv2 = nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8 if view_head else 32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.conv1(self.act1(self.bn1(x)))
+        x = x + self.conv2(self.act2(self.bn2(x)))
+        if self.view_head:
+            n, c = x.shape[:2]
+            return self.fc(x.view(n * c, -1).mean(1).view(n, c))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _inner_after_timing(layer: str, candidate: str, run) -> float:
+    run()
+    return {"dense": 1.0, "sparse": 0.8, "sparse-batch-inner": 0.5}[candidate]
+
+
+def test_batch_inner_layers_hand_on_batch_innermost_views_and_unfolded_batchnorms_follow():
+    model = _sparsify(PreActivation(), 0.3)
+    x = torch.randn(4, 3, 8, 8)
+    seen = {}
+
+    def timer(layer, candidate, run):
+        out = run()
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            seen[(layer, candidate)] = out.stride()
+        return _inner_after_timing(layer, candidate, run)
+
+    fast = sparse_inference(model, x, timer=timer, verbose=False)
+    report = fast.report
+    assert [layer.choice for layer in report.layers if layer.kind == "Conv2d"] == ["sparse-batch-inner"] * 3
+    # conv1 is chosen on the stem's batch-innermost output: its own output is a view with the batch innermost.
+    assert seen[("conv1", "sparse-batch-inner")][0] == 1
+    assert not fast.module.conv1.contiguous_output and report.layout_note == ""
+    # The BatchNorms after the additions cannot be folded: each becomes one affine map with its ReLU, and as each
+    # only feeds a sparse conv, that conv applies them as it copies its input.
+    assert report.affine_batchnorms == report.input_activations == ["bn1", "bn2"]
+    assert isinstance(fast.module.bn1, nn.Identity) and isinstance(fast.module.act1, nn.Identity)
+    assert fast.module.conv1.input_scale is not None and fast.module.stem.input_scale is None
+    assert "2 BatchNorm2d as channel affine maps (2 of them, with their ReLU, inside the sparse conv" in str(report)
+    _assert_matches(fast, model, x)
+    # fuse=False keeps the BatchNorms as they are, even between batch-inner layers.
+    plain = sparse_inference(model, x, timer=_inner_after_timing, fuse=False, verbose=False)
+    assert isinstance(plain.module.bn1, nn.BatchNorm2d) and plain.report.affine_batchnorms == []
+    _assert_matches(plain, model, x)
+    # With every layer dense the affine maps are not needed: the BatchNorms stay.
+    dense = sparse_inference(model, x, timer=_dense_after_timing, verbose=False)
+    assert isinstance(dense.module.bn1, nn.BatchNorm2d) and isinstance(dense.module.act1, nn.ReLU)
+    assert dense.report.affine_batchnorms == []
+
+
+def test_a_model_that_needs_contiguous_activations_gets_contiguous_outputs():
+    model = _sparsify(PreActivation(view_head=True), 0.3)
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="view"):  # what the model's own code does on a batch-innermost map
+        torch.randn(8, 8, 8, 4).permute(3, 0, 1, 2).view(32, -1)
+    fast = sparse_inference(model, x, timer=_inner_after_timing, verbose=False)
+    assert "return contiguous tensors" in fast.report.layout_note and "view" in fast.report.layout_note
+    assert all(m.contiguous_output for m in fast.modules() if isinstance(m, SparseConv2d))
+    _assert_matches(fast, model, x)

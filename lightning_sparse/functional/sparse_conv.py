@@ -138,34 +138,69 @@ def _taps(x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out
                 out[target + r * out_row : target + (r + 1) * out_row] = acc[r * in_row : r * in_row + out_row]
 
 
-def _taps_on_numba_threads(x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu, tasks, scratch):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+def _prologue_copy(x, scale, shift, out, height, width, inner, plane_h, plane_w, top, left, begin, stop):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """Numba body: rows ``begin`` to ``stop`` (a row is one input channel's input row) of
+    ``relu(x * scale + shift)``, per input channel, from a batch-innermost input ``(C, H, W, N)`` into the interior
+    of a zero-bordered ``(C, plane_h, plane_w, N)`` buffer: a pre-activation BatchNorm and ReLU applied in the
+    padding copy the layer makes anyway."""
+    row_length = width * inner
+    for task in range(begin, stop):
+        c = task // height
+        y = task - c * height
+        s = scale[c]
+        b = shift[c]
+        source = x[task * row_length : (task + 1) * row_length]
+        start = ((c * plane_h + top + y) * plane_w + left) * inner
+        target = out[start : start + row_length]
+        for p in range(row_length):
+            value = source[p] * s + b
+            target[p] = value if value > 0.0 else 0.0
+
+
+def _share(x, rowptr, offsets, values, bias, out, sizes, relu, begin, stop, scratch):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    """Numba body: tasks ``begin`` to ``stop`` of :func:`_taps` (``sizes[0] == 0``) or of :func:`_prologue_copy`
+    (``sizes[0] == 1``; ``values`` and ``bias`` are then the scale and shift), the sizes following in ``sizes``."""
+    if sizes[0] == 0:
+        _jitted_taps(
+            x, rowptr, offsets, values, bias, out, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6], relu,
+            begin, stop, scratch,
+        )  # fmt: skip
+    else:
+        _jitted_prologue_copy(
+            x, values, bias, out, sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6], sizes[7], begin, stop
+        )
+
+
+def _share_on_numba_threads(x, rowptr, offsets, values, bias, out, sizes, relu, tasks, scratch):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
     """Numba body: all ``tasks`` on numba's thread pool, one contiguous share (and one scratch row) per thread."""
     shares = scratch.shape[0]
     for share in _prange(shares):
-        _taps_compiled(
-            x, rowptr, offsets, values, bias, out, outer, sample_size, in_row, out_h, out_row, block_rows, relu,
-            tasks * share // shares, tasks * (share + 1) // shares, scratch[share],
-        )  # fmt: skip
+        begin, stop = tasks * share // shares, tasks * (share + 1) // shares
+        _jitted_share(x, rowptr, offsets, values, bias, out, sizes, relu, begin, stop, scratch[share])
 
 
-_taps_compiled: Any = None
-""":func:`_taps` compiled (set by :func:`_compiled`; numba resolves this global when it compiles the callers)."""
+# The compiled bodies, set by _compiled(): numba resolves these globals when it compiles their callers.
+_jitted_taps: Any = None
+_jitted_prologue_copy: Any = None
+_jitted_share: Any = None
 _COMPILED: dict[str, Any] = {}
 
 
 def _compiled() -> dict[str, Any]:
-    """The compiled kernels (on first use; numba caches them on disk): ``"taps"``, ``"numba_threads"`` and, where
+    """The compiled kernels (on first use; numba caches them on disk): ``"share"``, ``"numba_threads"`` and, where
     torch's own libgomp is loaded, ``"team_entry"`` (see :mod:`lightning_sparse.functional._openmp_team`)."""
-    global _taps_compiled
+    global _jitted_taps, _jitted_prologue_copy, _jitted_share
     if not _COMPILED:
         numba = _require_numba()
         if "NUMBA_THREADING_LAYER" not in os.environ:
             # Measured here (docs/inference.md §2): numba's OpenMP pool next to torch's made torch's own convolutions
             # slower in the same process; the workqueue pool leaves them alone. An explicit setting wins.
             numba.config.THREADING_LAYER = "workqueue"
-        _taps_compiled = numba.njit(fastmath=True, boundscheck=False, cache=True)(_taps)
-        _COMPILED["taps"] = _taps_compiled
-        _COMPILED["numba_threads"] = numba.njit(parallel=True, cache=True)(_taps_on_numba_threads)
+        jit = numba.njit(fastmath=True, boundscheck=False, cache=True)
+        _jitted_taps, _jitted_prologue_copy = jit(_taps), jit(_prologue_copy)
+        _jitted_share = jit(_share)
+        _COMPILED["share"] = _jitted_share
+        _COMPILED["numba_threads"] = numba.njit(parallel=True, cache=True)(_share_on_numba_threads)
         team = torch_openmp_team()
         if team is not None:
             _COMPILED["team_entry"] = _team_entry(numba, team)
@@ -175,12 +210,12 @@ def _compiled() -> dict[str, Any]:
 def _team_entry(numba: Any, team: OpenMPTeam) -> Any:
     """A C callback for ``GOMP_parallel``: each thread of torch's team runs its share of the tasks.
 
-    Its one argument points to the int64 block written by :func:`_run_taps`: the arrays' addresses and lengths,
-    then the layer's sizes.
+    Its one argument points to the int64 block written by :func:`_run_parallel`: the six arrays' addresses and
+    lengths, the sizes array's address, then ``relu``, the task count and the scratch rows' address and length.
     """
     from numba import types
 
-    taps, as_pointer = _taps_compiled, address_as_voidptr()
+    share, as_pointer = _jitted_share, address_as_voidptr()
     thread_num, num_threads = team.thread_num, team.num_threads
 
     @numba.cfunc(types.void(types.CPointer(types.int64)))
@@ -189,57 +224,63 @@ def _team_entry(numba: Any, team: OpenMPTeam) -> Any:
         x = numba.carray(as_pointer(a[0]), (a[1],), np.float32)
         rowptr = numba.carray(as_pointer(a[2]), (a[3],), np.int64)
         offsets = numba.carray(as_pointer(a[4]), (a[5],), np.int64)
-        values = numba.carray(as_pointer(a[6]), (a[5],), np.float32)
-        bias = numba.carray(as_pointer(a[7]), (a[3] - 1,), np.float32)
-        out = numba.carray(as_pointer(a[8]), (a[9],), np.float32)
+        values = numba.carray(as_pointer(a[6]), (a[7],), np.float32)
+        bias = numba.carray(as_pointer(a[8]), (a[9],), np.float32)
+        out = numba.carray(as_pointer(a[10]), (a[11],), np.float32)
+        sizes = numba.carray(as_pointer(a[12]), (_SIZES_LENGTH,), np.int64)
         thread, threads = thread_num(), num_threads()
-        scratch = numba.carray(as_pointer(a[18] + 4 * a[19] * thread), (a[19],), np.float32)
-        tasks = a[17]
+        scratch = numba.carray(as_pointer(a[15] + 4 * a[16] * thread), (a[16],), np.float32)
+        tasks = a[14]
         begin, stop = tasks * thread // threads, tasks * (thread + 1) // threads
-        taps(x, rowptr, offsets, values, bias, out, a[10], a[11], a[12], a[13], a[14], a[15], a[16] != 0, begin, stop, scratch)  # fmt: skip
+        share(x, rowptr, offsets, values, bias, out, sizes, a[13] != 0, begin, stop, scratch)
 
     return entry
 
 
-_BLOCK_LENGTH = 20
+_BLOCK_LENGTH = 17
 """Entries of the int64 argument block of :func:`_team_entry`."""
+_SIZES_LENGTH = 8
+"""Entries of the ``sizes`` array of :func:`_share`."""
 
 _USE_TORCH_TEAM = True
-"""Run the kernel on torch's OpenMP team where it can (the tests switch it off to cover numba's pool)."""
+"""Run the kernels on torch's OpenMP team where it can (the tests switch it off to cover numba's pool)."""
 
 
-def _run_taps(
-    x: Tensor,
-    packed: PackedSparseWeight,
-    offsets: Tensor,
-    bias: Tensor,
-    out: Tensor,
-    geometry: tuple[int, int, int, int, int, int],
+def _run_parallel(
+    arrays: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+    sizes: tuple[int, ...],
     relu: bool,
+    tasks: int,
+    span: int = 1,
 ) -> None:
-    """Run the kernel with ``torch.get_num_threads()`` threads; ``geometry`` is ``(outer, sample_size, in_row,
-    out_h, out_row, block_rows)`` (see :func:`_taps`)."""
+    """Run :func:`_share` over ``tasks`` tasks with ``torch.get_num_threads()`` threads.
+
+    Args:
+        arrays: ``x, rowptr, offsets, values, bias, out`` (1-D CPU tensors) as :func:`_share` takes them.
+        sizes: ``(0, outer, sample_size, in_row, out_h, out_row, block_rows)`` for :func:`_taps`, or ``(1, height,
+            width, inner, plane_h, plane_w, top, left)`` for :func:`_prologue_copy`.
+        relu: :func:`_taps`' ``relu``.
+        tasks: how many tasks the layer has (split into contiguous shares, one per thread).
+        span: scratch entries each thread needs (:func:`_taps` with blocks of several rows).
+    """
     kernels = _compiled()
-    outer, sample_size, in_row, out_h, out_row, block_rows = geometry
-    tasks = outer * -(-out_h // block_rows) * packed.out_channels
+    sizes_array = np.zeros(_SIZES_LENGTH, dtype=np.int64)
+    sizes_array[: len(sizes)] = sizes
     threads = max(1, min(torch.get_num_threads(), tasks))
-    span = (min(block_rows, out_h) - 1) * in_row + out_row if block_rows > 1 else 1
     scratch = np.empty((threads, span), dtype=np.float32)
-    arrays = (x.numpy(), packed.rowptr.numpy(), offsets.numpy(), packed.values.numpy(), bias.numpy(), out.numpy())
     if threads == 1:
-        kernels["taps"](*arrays, *geometry, relu, 0, tasks, scratch[0])
+        kernels["share"](*(t.numpy() for t in arrays), sizes_array, relu, 0, tasks, scratch[0])
     elif _USE_TORCH_TEAM and "team_entry" in kernels:
+        addresses = [value for t in arrays for value in (t.data_ptr(), t.numel())]
         block = np.array(
-            [x.data_ptr(), x.numel(), packed.rowptr.data_ptr(), packed.rowptr.numel(), offsets.data_ptr(),
-             offsets.numel(), packed.values.data_ptr(), bias.data_ptr(), out.data_ptr(), out.numel(), *geometry,
-             int(relu), tasks, scratch.ctypes.data, span],
-            dtype=np.int64,
-        )  # fmt: skip
+            [*addresses, sizes_array.ctypes.data, int(relu), tasks, scratch.ctypes.data, span], dtype=np.int64
+        )
         torch_openmp_team().run(kernels["team_entry"].address, block, threads)  # type: ignore[union-attr]
     else:
         numba = _require_numba()
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        kernels["numba_threads"](*arrays, *geometry, relu, tasks, scratch[: numba.get_num_threads()])
+        scratch = scratch[: numba.get_num_threads()]
+        kernels["numba_threads"](*(t.numpy() for t in arrays), sizes_array, relu, tasks, scratch)
 
 
 @dataclass
@@ -349,9 +390,13 @@ def pack_conv2d_weight(
 
 
 _PADDED_INPUTS = threading.local()
-"""Per thread: the zero-bordered input buffers of :func:`_phase_planes`, by geometry (at most
-:data:`_PADDED_INPUT_SLOTS`, least recently used dropped first)."""
-_PADDED_INPUT_SLOTS = 8
+"""Per thread: the zero-bordered input buffers of :func:`_phase_planes`, by geometry (least recently used dropped
+first once they hold more than :data:`_PADDED_INPUT_BYTES`)."""
+_PADDED_INPUT_BYTES = 256 * 2**20
+"""Memory the kept input buffers of one thread may take. A network has a buffer per input geometry (WRN-28-2 has
+nine: three plane sizes, their stride-2 phase splits, the stem); a buffer dropped and made again every forward pass
+costs a zero fill and page faults (2-4 ms each at batch 64 here). 256 MiB holds all of a CIFAR ResNet's at batch
+256; the buffer in use is always kept, whatever its size."""
 
 
 def _phase_planes(
@@ -362,6 +407,7 @@ def _phase_planes(
     plane: tuple[int, int],
     batch_inner: bool,
     phases: tuple[int, ...],
+    prologue: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``x`` zero-padded (``left`` / ``top`` before it) and split into its stride phases, in the kernel's layout.
 
@@ -372,10 +418,14 @@ def _phase_planes(
     the layers of a network share a few geometries, and a fresh multi-megabyte tensor costs page faults and a full
     fill on every call. A batch-innermost input that needs no padding (the output of a batch-inner layer before)
     is read in place. The buffer is only read by the kernel call that follows.
+
+    With ``prologue = (scale, shift)`` (per input channel) the buffer holds ``relu(x * scale + shift)`` instead of
+    ``x``, computed as it is copied: one pass over the input (:func:`_prologue_copy`) for a batch-innermost input at
+    stride 1, a ``torch.addcmul`` into the buffer and a ReLU in place otherwise.
     """
     batch, channels, height, width = (int(d) for d in x.shape)
     (s_h, s_w), (plane_h, plane_w) = stride, plane
-    if (s_h, s_w, left, top, plane_h, plane_w) == (1, 1, 0, 0, height, width):
+    if prologue is None and (s_h, s_w, left, top, plane_h, plane_w) == (1, 1, 0, 0, height, width):
         in_place = x.permute(1, 2, 3, 0) if batch_inner else x
         if in_place.is_contiguous() or not batch_inner:
             return in_place.contiguous()
@@ -385,10 +435,21 @@ def _phase_planes(
     if buffer is None:
         planes = (s_h, s_w, plane_h, plane_w)
         buffer = torch.zeros((channels, *planes, batch) if batch_inner else (batch, channels, *planes))
-        if len(buffers) >= _PADDED_INPUT_SLOTS:
-            buffers.pop(next(iter(buffers)))
+        kept = sum(b.numel() for b in buffers.values()) + buffer.numel()
+        while buffers and 4 * kept > _PADDED_INPUT_BYTES:
+            kept -= buffers.pop(next(iter(buffers))).numel()
     buffers[key] = buffer  # (re)inserted last: the dict's order is the least-recently-used order
     view = buffer.permute(5, 0, 1, 2, 3, 4) if batch_inner else buffer  # (N, C, s_h, s_w, plane_h, plane_w)
+    source_inner = x.permute(1, 2, 3, 0)
+    if prologue is not None and batch_inner and (s_h, s_w) == (1, 1) and source_inner.is_contiguous():
+        scale, shift = prologue
+        _run_parallel(
+            (source_inner.view(-1), _NO_INDEX, _NO_INDEX, scale, shift, buffer.view(-1)),
+            (1, height, width, batch, plane_h, plane_w, top, left),
+            relu=False,
+            tasks=channels * height,
+        )
+        return buffer
     for phase in phases:
         p_h, p_w = divmod(phase, s_w)
         # The first phase row whose padded row q s_h + p_h holds an input row (is >= top), and that input row.
@@ -397,8 +458,17 @@ def _phase_planes(
         rows, cols = min(-((y - height) // s_h), plane_h - q_h), min(-((x0 - width) // s_w), plane_w - q_w)
         if rows > 0 and cols > 0:
             source = x[:, :, y : y + (rows - 1) * s_h + 1 : s_h, x0 : x0 + (cols - 1) * s_w + 1 : s_w]
-            view[:, :, p_h, p_w, q_h : q_h + rows, q_w : q_w + cols].copy_(source)
+            target = view[:, :, p_h, p_w, q_h : q_h + rows, q_w : q_w + cols]
+            if prologue is None:
+                target.copy_(source)
+            else:
+                scale, shift = (t.view(1, -1, 1, 1) for t in prologue)
+                torch.addcmul(shift, source, scale, out=target).relu_()
     return buffer
+
+
+_NO_INDEX = torch.zeros(1, dtype=torch.int64)
+"""A placeholder for the index arrays :func:`_prologue_copy` does not read."""
 
 
 def pack_linear_weight(weight: Tensor) -> PackedSparseWeight:
@@ -417,6 +487,7 @@ def sparse_conv2d(
     batch_inner: bool = False,
     relu: bool = False,
     contiguous: bool = True,
+    prologue: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """2-D convolution over the active weights only; equals ``F.conv2d`` with the packed layer's weight.
 
@@ -433,6 +504,9 @@ def sparse_conv2d(
             ``(N, C, H, W)`` view of the batch-innermost result (strides ``(1, H W N, W N, N)``), which saves a
             transposing copy here and another one in the next batch-inner layer (elementwise torch ops keep the
             layout in between). Without ``batch_inner`` the result is always contiguous.
+        prologue: ``(scale, shift)``, float32 ``(in_channels,)``: convolve ``relu(x * scale + shift)`` (per input
+            channel) instead of ``x``, computed as the input is copied into the padded layout (a pre-activation
+            BatchNorm and ReLU fused into the layer). Zero padding only.
 
     Returns:
         ``(N, out_channels, H_o, W_o)`` (no batch dimension if ``x`` had none).
@@ -452,6 +526,8 @@ def sparse_conv2d(
         raise ValueError(f"the layer expects {packed.in_channels} input channels, the input has {x.shape[1]}")
     _compiled()  # ImportError without numba, before any work
     left, right, top, bottom = padding
+    if prologue is not None and padding_mode != "zeros" and any(padding):
+        raise ValueError("a prologue (fused BatchNorm + ReLU) needs zero padding: pad after the activation instead")
     if padding_mode != "zeros" and any(padding):
         x = F.pad(x, padding, mode=padding_mode)
         left, right, top, bottom = 0, 0, 0, 0
@@ -465,7 +541,7 @@ def sparse_conv2d(
     # Phase planes large enough for every tap's window (extra zero rows/columns are never read into kept outputs).
     plane_h = max(math.ceil(padded_h / s_h), packed.max_dy + out_h)
     plane_w = max(math.ceil(padded_w / s_w), packed.max_dx + out_w)
-    planes = _phase_planes(x, left, top, (s_h, s_w), (plane_h, plane_w), batch_inner, packed.phases)
+    planes = _phase_planes(x, left, top, (s_h, s_w), (plane_h, plane_w), batch_inner, packed.phases, prologue)
     outer, inner = (1, batch) if batch_inner else (batch, 1)
     out = torch.empty(outer, packed.out_channels, out_h, out_w, inner, dtype=torch.float32)
     bias_values = (
@@ -473,17 +549,18 @@ def sparse_conv2d(
         if bias is None
         else bias.detach().to("cpu", torch.float32).contiguous()
     )
-    _run_taps(
-        planes.view(-1),
-        packed,
-        packed.offsets(plane_h, plane_w, inner),
-        bias_values,
-        out.view(-1),
-        # Batch-inner rows are long (W_o x N entries): one row per block, accumulated in place. Per-sample rows
-        # are short: a whole plane per block, its rows joined into one long loop.
-        (outer, channels * s_h * s_w * plane_h * plane_w * inner, plane_w * inner, out_h, out_w * inner,
-         1 if batch_inner else out_h),
+    block_rows = 1 if batch_inner else out_h
+    # Batch-inner rows are long (W_o x N entries): one row per block, accumulated in place. Per-sample rows are
+    # short: a whole plane per block, its rows joined into one long loop.
+    in_row, out_row = plane_w * inner, out_w * inner
+    sample_size = channels * s_h * s_w * plane_h * plane_w * inner
+    _run_parallel(
+        (planes.view(-1), packed.rowptr, packed.offsets(plane_h, plane_w, inner), packed.values, bias_values,
+         out.view(-1)),
+        (0, outer, sample_size, in_row, out_h, out_row, block_rows),
         relu,
+        tasks=outer * -(-out_h // block_rows) * packed.out_channels,
+        span=(block_rows - 1) * in_row + out_row,
     )  # fmt: skip
     if batch_inner:
         out = out[0].permute(3, 0, 1, 2)

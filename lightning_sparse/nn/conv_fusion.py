@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ChannelAffine", "ConvChain", "find_batchnorm_relus", "find_conv_chains", "fold_batchnorm_"]
+__all__ = [
+    "ChannelAffine",
+    "ConvChain",
+    "find_batchnorm_relus",
+    "find_conv_chains",
+    "find_preactivated_convs",
+    "fold_batchnorm_",
+]
 
 
 @dataclass
@@ -127,6 +134,30 @@ def find_batchnorm_relus(model: nn.Module) -> dict[str, str]:
             if relu is not None:
                 pairs[node.target] = relu.target
     return pairs
+
+
+def find_preactivated_convs(model: nn.Module) -> dict[str, str]:
+    """The ``BatchNorm2d -> ReLU -> Conv2d`` chains of ``model`` (a pre-activation block's ``conv(relu(bn(x)))``)
+    in which each output has that one user and each module is called once: conv name -> BatchNorm name.
+
+    The BatchNorm and ReLU of such a chain can be applied by the conv as it reads its input (the sparse kernel's
+    ``prologue``). Empty when ``torch.fx`` cannot trace the model.
+    """
+    traced, _ = _trace(model)
+    if traced is None:
+        return {}
+    chains = {}
+    for node in traced.graph.nodes:
+        if not traced.called_once(node, nn.Conv2d) or len(node.args) != 1 or node.kwargs:
+            continue
+        relu = node.args[0]
+        if not isinstance(relu, torch.fx.Node) or not traced.called_once(relu, nn.ReLU) or len(relu.users) != 1:
+            continue
+        batchnorm = relu.args[0] if len(relu.args) == 1 and not relu.kwargs else None
+        if isinstance(batchnorm, torch.fx.Node) and traced.called_once(batchnorm, nn.BatchNorm2d):
+            if len(batchnorm.users) == 1:
+                chains[node.target] = batchnorm.target
+    return chains
 
 
 def _foldable(batchnorm: nn.BatchNorm2d) -> bool:

@@ -79,11 +79,25 @@ class SparseConv2d(_PackedLayer):
         self.batch_inner = batch_inner
         self.relu = relu
         self.contiguous_output = contiguous_output
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_shift", None)
         self._keep(conv.weight, pack_conv2d_weight(conv.weight, conv.stride, conv.dilation, conv.groups), conv.bias)
+
+    input_scale: Tensor | None
+    input_shift: Tensor | None
+
+    def apply_input_activation(self, scale: Tensor, shift: Tensor) -> None:
+        """From now on convolve ``relu(x * scale + shift)`` (per input channel) instead of ``x``, computed as the
+        kernel copies its input (a pre-activation BatchNorm and ReLU taken into the layer; zero padding only)."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"an input activation needs zero padding, this layer pads with {self.padding_mode!r}")
+        self.register_buffer("input_scale", scale.detach().to(torch.float32).reshape(-1).contiguous().clone())
+        self.register_buffer("input_shift", shift.detach().to(torch.float32).reshape(-1).contiguous().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         """The convolution over the active weights only."""
         _refuse_autograd(x, "SparseConv2d")
+        prologue = None if self.input_scale is None else (self.input_scale, self.input_shift)
         return sparse_conv2d(
             x,
             self.packed,
@@ -93,6 +107,7 @@ class SparseConv2d(_PackedLayer):
             self.batch_inner,
             self.relu,
             self.contiguous_output,
+            prologue,  # type: ignore[arg-type]
         )
 
     def extra_repr(self) -> str:
@@ -100,7 +115,7 @@ class SparseConv2d(_PackedLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
             f"density={self.density:.4f}, batch_inner={self.batch_inner}, relu={self.relu}, "
-            f"contiguous_output={self.contiguous_output}"
+            f"contiguous_output={self.contiguous_output}, input_activation={self.input_scale is not None}"
         )
 
 

@@ -40,6 +40,8 @@ CONV_CASES = {
     "reflect padding": dict(in_channels=4, out_channels=3, kernel_size=3, padding=1, padding_mode="reflect"),
     "circular padding": dict(in_channels=4, out_channels=3, kernel_size=3, padding=2, padding_mode="circular"),
     "padding same": dict(in_channels=4, out_channels=3, kernel_size=4, padding="same"),
+    # Border outputs that no tap reaches: the batch-inner kernel clips every tap there (no padded copy).
+    "padding wider than the kernel": dict(in_channels=6, out_channels=5, kernel_size=3, padding=(3, 4)),
 }
 
 
@@ -102,18 +104,56 @@ def test_bad_inputs_are_refused_with_the_fix():
         pack_conv2d_weight(torch.randn(5, 1, 3, 3), groups=2)
 
 
-def test_kernel_uses_torch_thread_count():
+@pytest.mark.parametrize("team", [True, False], ids=["torch OpenMP team", "numba pool"])
+@pytest.mark.parametrize("batch_inner", [False, True])
+def test_kernel_on_two_threads_matches_dense(monkeypatch, team, batch_inner):
     import numba
 
+    from lightning_sparse.functional import sparse_conv
+    from lightning_sparse.functional._openmp_team import torch_openmp_team
+
+    if team and torch_openmp_team() is None:
+        pytest.skip("torch does not use GNU libgomp here")
+    monkeypatch.setattr(sparse_conv, "_USE_TORCH_TEAM", team)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        x, weight = torch.randn(2, 4, 6, 6), torch.randn(4, 4, 3, 3)
-        out = sparse_conv2d(x, pack_conv2d_weight(weight), None, (1, 1, 1, 1))
-        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
-        torch.testing.assert_close(out, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+        # Odd sizes: the tasks do not split evenly between the threads; batch 1 at 5 rows gives 5 x 7 tasks.
+        for batch in (3, 1):
+            x, weight = torch.randn(batch, 4, 5, 9), torch.randn(7, 4, 3, 3)
+            weight.mul_(torch.rand_like(weight) < 0.5)
+            out = sparse_conv2d(x, pack_conv2d_weight(weight), None, (1, 1, 1, 1), batch_inner=batch_inner)
+            torch.testing.assert_close(out, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+        if not team:
+            assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_openmp_team_is_torchs_own_libgomp():
+    from lightning_sparse.functional._openmp_team import torch_openmp_team
+
+    team = torch_openmp_team()
+    if "OpenMP" not in torch.__config__.parallel_info():
+        assert team is None
+        return
+    assert team is not None and "libgomp" in team.path
+    assert team.thread_num() == 0 and team.num_threads() == 1  # outside a parallel region
+
+
+def test_batch_innermost_output_view():
+    x, weight = torch.randn(3, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    packed = pack_conv2d_weight(weight)
+    out = sparse_conv2d(x, packed, None, (1, 1, 1, 1), batch_inner=True, contiguous=False)
+    assert out.shape == (3, 5, 6, 6) and out.stride() == (1, 6 * 6 * 3, 6 * 3, 3)
+    torch.testing.assert_close(out, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+    # A batch-innermost input is read in place when no padding is needed, with a copy otherwise: same result.
+    pointwise = torch.randn(2, 5, 1, 1)
+    for padding in ((0, 0, 0, 0), (1, 1, 1, 1)):
+        again = sparse_conv2d(out, pack_conv2d_weight(pointwise), None, padding, batch_inner=True)
+        assert again.is_contiguous()
+        expected = F.conv2d(F.pad(out, padding), pointwise)
+        torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_inner", [False, True])
@@ -138,3 +178,28 @@ def test_reused_padded_input_buffer_never_leaks_an_earlier_input(batch_inner):
         packed = pack_conv2d_weight(layer.weight, layer.stride, layer.dilation, layer.groups)
         out = sparse_conv2d(x, packed, None, layer._reversed_padding_repeated_twice, batch_inner=batch_inner)
         torch.testing.assert_close(out, layer(x).detach(), rtol=1e-5, atol=1e-4 * max(1.0, abs(scale)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch_inner", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("batch_innermost_input", [False, True])
+def test_prologue_applies_batchnorm_and_relu_to_the_input(threads, batch_inner, stride, batch_innermost_input):
+    # The pre-activation BatchNorm + ReLU folded into the padding copy: relu(x * scale + shift) per input channel.
+    conv = _masked_conv(0.4, bias=True, in_channels=5, out_channels=6, kernel_size=3, stride=stride, padding=1)
+    x = torch.randn(3, 5, 9, 8)
+    if batch_innermost_input:
+        x = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    expected = conv(torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))).detach()
+    packed = pack_conv2d_weight(conv.weight, conv.stride)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(2):  # the second call reuses the padded buffer: its border must still be zero
+            out = sparse_conv2d(x, packed, conv.bias, (1, 1, 1, 1), batch_inner=batch_inner, prologue=(scale, shift))
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="zero padding"):
+        sparse_conv2d(x, packed, None, (1, 1, 1, 1), padding_mode="reflect", prologue=(scale, shift))

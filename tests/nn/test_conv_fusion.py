@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.nn.conv_fusion import find_conv_chains, fold_batchnorm_
+from lightning_sparse.nn.conv_fusion import ChannelAffine, find_batchnorm_relus, find_conv_chains, fold_batchnorm_
 from tests.helpers import TinyCNN
 
 
@@ -83,3 +83,33 @@ def test_training_mode_batchnorm_is_not_folded_and_untraceable_model_says_why():
 
     chains, why_not = find_conv_chains(DataDependent().eval())
     assert chains == {} and "torch.fx could not trace" in why_not
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_channel_affine_equals_the_batchnorm_and_keeps_the_input_layout(relu):
+    batchnorm = _eval_batchnorm(6)
+    affine = ChannelAffine(batchnorm, relu=relu)
+    x = torch.randn(4, 6, 5, 5)
+    expected = torch.relu(batchnorm(x)) if relu else batchnorm(x)
+    torch.testing.assert_close(affine(x), expected.detach(), rtol=1e-5, atol=1e-6)
+    batch_innermost = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    out = affine(batch_innermost)
+    assert out.stride() == batch_innermost.stride()  # nn.BatchNorm2d would return a contiguous copy
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eval-mode"):
+        ChannelAffine(nn.BatchNorm2d(3))
+
+
+def test_batchnorm_relu_pairs_of_a_preactivation_model():
+    class PreAct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn1, self.act1, self.conv1 = _eval_batchnorm(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2, self.act2 = _eval_batchnorm(4), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.conv1(self.act1(self.bn1(x)))
+            y = self.bn2(x)
+            return self.act2(y) + y  # bn2's output has two users: not a pair
+
+    assert find_batchnorm_relus(PreAct()) == {"bn1": "act1"}
