@@ -27,6 +27,7 @@ from lightning_sparse.nn.conv_fusion import (
     find_batchnorm_relus,
     find_conv_chains,
     find_preactivated_convs,
+    find_relus_after_additions,
     fold_batchnorm_,
 )
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
@@ -131,6 +132,8 @@ class InferenceReport:
     layers hand on batch-innermost activations."""
     input_activations: list[str] = field(default_factory=list)
     """Of those, the ones (with their ReLU) applied by the sparse conv they feed as it copies its input."""
+    in_place_relus: list[str] = field(default_factory=list)
+    """ReLU modules after a residual addition, made to run in place (the sum has no other user)."""
     layout_note: str = ""
     """Why batch-inner layers return contiguous tensors, when the model did not run (or agree) with their
     batch-innermost views (empty otherwise)."""
@@ -186,6 +189,8 @@ class InferenceReport:
         )
         if self.fusion_note:
             fusion += f" ({self.fusion_note})"
+        if self.in_place_relus:
+            fusion += f", {len(self.in_place_relus)} ReLU after additions in place"
         if self.affine_batchnorms:
             fusion += f", {len(self.affine_batchnorms)} BatchNorm2d as channel affine maps"
         if self.input_activations:
@@ -596,6 +601,9 @@ def sparse_inference(
     chains, fusion_note = find_conv_chains(work) if fuse else ({}, "")
     folded = _fold_batchnorms(work, chains)
     preactivated = find_preactivated_convs(work) if fuse else {}
+    in_place_relus = find_relus_after_additions(work) if fuse else []
+    for name in in_place_relus:
+        work.get_submodule(name).inplace = True
     all_dense = copy.deepcopy(work)  # what the whole-model check below compares the converted model against
 
     affine = _batchnorms_as_affine(work) if fuse and have_numba else {}
@@ -640,6 +648,7 @@ def sparse_inference(
     report.layout_note = layout_note
     report.affine_batchnorms = [name for name, module in affine.items() if isinstance(module, nn.BatchNorm2d)]
     report.input_activations = input_activations
+    report.in_place_relus = in_place_relus
     if any(isinstance(m, SparseConv2d) and not m.contiguous_output for m in work.modules()):
         _keep_layout_if_it_runs(work, all_dense, example_input, report)
     if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):

@@ -13,6 +13,7 @@ residual addition, say) can be replaced by the same affine map as one elementwis
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ __all__ = [
     "find_batchnorm_relus",
     "find_conv_chains",
     "find_preactivated_convs",
+    "find_relus_after_additions",
     "fold_batchnorm_",
 ]
 
@@ -158,6 +160,26 @@ def find_preactivated_convs(model: nn.Module) -> dict[str, str]:
             if len(batchnorm.users) == 1:
                 chains[node.target] = batchnorm.target
     return chains
+
+
+def find_relus_after_additions(model: nn.Module) -> list[str]:
+    """The ``nn.ReLU`` modules (called once, not already in place) whose input is a tensor addition that has no
+    other user: a residual block's ``relu(out + identity)``. They can run in place: the sum is a fresh tensor
+    nothing else reads, and writing into it saves allocating (and page-faulting) a second one. Empty when
+    ``torch.fx`` cannot trace the model."""
+    traced, _ = _trace(model)
+    if traced is None:
+        return []
+    additions = (operator.add, torch.add)
+    relus = []
+    for node in traced.graph.nodes:
+        if not traced.called_once(node, nn.ReLU) or traced.modules[node.target].inplace or len(node.args) != 1:
+            continue
+        source = node.args[0]
+        if isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in additions:
+            if len(source.users) == 1:
+                relus.append(node.target)
+    return relus
 
 
 def _foldable(batchnorm: nn.BatchNorm2d) -> bool:

@@ -2,7 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sparse.nn.conv_fusion import ChannelAffine, find_batchnorm_relus, find_conv_chains, fold_batchnorm_
+from lightning_sparse.nn.conv_fusion import (
+    ChannelAffine,
+    find_batchnorm_relus,
+    find_conv_chains,
+    find_preactivated_convs,
+    find_relus_after_additions,
+    fold_batchnorm_,
+)
 from tests.helpers import TinyCNN
 
 
@@ -113,3 +120,23 @@ def test_batchnorm_relu_pairs_of_a_preactivation_model():
             return self.act2(y) + y  # bn2's output has two users: not a pair
 
     assert find_batchnorm_relus(PreAct()) == {"bn1": "act1"}
+
+
+class _Residual(nn.Module):
+    """relu(conv(x) + x) twice; the second sum is also returned, so its ReLU must not overwrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn, self.act0, self.act1, self.act2 = _eval_batchnorm(4), nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.act1(self.conv1(self.act0(self.bn(x))) + x)
+        total = self.conv2(x) + x
+        return self.act2(total), total
+
+
+def test_relus_after_additions_and_preactivated_convs():
+    model = _Residual()
+    assert find_relus_after_additions(model) == ["act1"]  # act2's input is also returned
+    assert find_preactivated_convs(model) == {"conv1": "bn"}
