@@ -17,6 +17,8 @@ rewritten after every configuration so an interrupted run keeps what it measured
 
     python benchmarks/inference.py                     # full grid (tens of minutes on 2 shared cores)
     python benchmarks/inference.py --quick             # smoke test: a narrow ResNet-18, seconds
+    python benchmarks/inference.py --name inference_seeds --sparsities 0.99 --batch-sizes 64 --seeds 0 1 2 3 4 \
+        --no-compile                                   # the 3x target cells over five random masks
 """
 
 from __future__ import annotations
@@ -129,16 +131,17 @@ class Subject:
             (None, "not tried") if args.no_compile else try_compile(self.model, self.x, args.compile_budget)
         )
 
-    def sparsify(self, sparsity: float) -> float:
-        """Restore the dense weights, then apply a random ERK mask of ``sparsity``; the global density."""
+    def sparsify(self, sparsity: float, seed: int) -> float:
+        """Restore the dense weights, then apply a random ERK mask of ``sparsity`` (positions drawn with ``seed``);
+        the global density."""
         self.model.load_state_dict(self.initial)
-        return erk_sparsify(self.model, sparsity)
+        return erk_sparsify(self.model, sparsity, seed)
 
 
-def run_config(args: argparse.Namespace, subject: Subject, sparsity: float) -> dict[str, Any]:
+def run_config(args: argparse.Namespace, subject: Subject, sparsity: float, seed: int = 0) -> dict[str, Any]:
     model, x, batch, threads, model_name = subject.model, subject.x, subject.batch, subject.threads, subject.model_name
     torch.set_num_threads(threads)
-    density = subject.sparsify(sparsity)
+    density = subject.sparsify(sparsity, seed)
     dense_macs, active_macs = conv_flops(model, x)
     start = time.perf_counter()
     fast = sparse_inference(model, x, repeats=args.choice_repeats, verbose=False)
@@ -168,6 +171,7 @@ def run_config(args: argparse.Namespace, subject: Subject, sparsity: float) -> d
     return {
         "model": model_name,
         "sparsity": sparsity,
+        "mask_seed": seed,
         "density": density,
         "batch": batch,
         "threads": threads,
@@ -239,6 +243,37 @@ def crossovers(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return table
 
 
+def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: for each configuration measured with several mask seeds, the spread of its speedup over them."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["sparsity"], row["batch"], row["threads"]), []).append(row)
+    table = []
+    for (model, sparsity, batch, threads), members in groups.items():
+        if len(members) < 2:
+            continue
+        speedups = sorted(member["speedup_vs_dense"] for member in members)
+        seeds = ", ".join(str(member.get("mask_seed", 0)) for member in members)
+        table.append(
+            (
+                model, f"{sparsity:.3f}", batch, threads, seeds, f"{statistics.median(speedups):.2f}x",
+                f"{speedups[0]:.2f}x", f"{speedups[-1]:.2f}x",
+            )
+        )  # fmt: skip
+    if not table:
+        return []
+    header = ("model", "sparsity", "batch", "threads", "mask seeds", "median speedup", "min", "max")
+    return [
+        "",
+        "## Spread over mask seeds",
+        "",
+        "Each row: one configuration with a different random ERK mask per seed (each seed a full conversion and "
+        "timing, as above); speedup = dense / ours.",
+        "",
+        *markdown_table(header, table),
+    ]
+
+
 def markdown(rows: list[dict[str, Any]], settings: dict[str, Any], note: str) -> list[str]:
     lines = [
         "# Sparse CPU inference: dense eager / dense torch.compile / sparse_inference",
@@ -296,6 +331,7 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any], note: str) ->
         "max rel. error",
     )
     lines += markdown_table(header, table)
+    lines += seed_spread(rows)
     notes = sorted({f"{row['model']} batch {row['batch']} threads {row['threads']}: {row['compile']}" for row in rows})
     lines += ["", "torch.compile:", *[f"- {note}" for note in notes]]
     lines += [
@@ -391,6 +427,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--compile-budget", type=float, default=300.0, help="seconds a torch.compile may take before it is dropped"
     )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="mask seeds: each configuration once per random ERK mask"
+    )
+    parser.add_argument("--name", default="inference", help="results file name (default: inference)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", type=Path, help="rewrite the .md and .png of this JSON result (no measuring)")
     args = parser.parse_args(argv)
@@ -406,7 +446,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.repeats, args.choice_repeats, args.width, args.no_compile = 2, 1, 16, True
     if not numba_available():
         print("numba is not installed: every layer stays dense (pip install 'lightning-sparse[inference]')")
-    name = result_name("inference", args.quick)
+    name = result_name(args.name, args.quick)
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -415,11 +455,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for model_name in args.models:
             for batch in args.batch_sizes:
                 subject = Subject(args, model_name, batch, threads)
-                for sparsity in args.sparsities:
-                    row = run_config(args, subject, sparsity)
+                for sparsity, seed in ((s, seed) for s in args.sparsities for seed in args.seeds):
+                    row = run_config(args, subject, sparsity, seed)
                     rows.append(row)
                     print(
-                        f"{model_name} s={sparsity} batch={batch} threads={threads}: dense "
+                        f"{model_name} s={sparsity} seed={seed} batch={batch} threads={threads}: dense "
                         f"{row['median_ms']['dense']:.1f} ms, ours {row['median_ms']['ours']:.1f} ms "
                         f"({row['speedup_vs_dense']:.2f}x; FLOP limit {row['flop_limit']:.0f}x), compile: "
                         f"{row['compile']}, {time.perf_counter() - start:.0f} s so far",

@@ -23,3 +23,13 @@ def test_inference_quick_writes_json_markdown_png(tmp_path):
     markdown = (tmp_path / "inference_quick.md").read_text()
     assert "speedup vs dense" in markdown and "FLOP limit" in markdown and "layer1.0.conv1" in markdown
     assert (tmp_path / "inference_quick.png").stat().st_size > 0
+
+
+def test_inference_mask_seeds_report_their_spread(tmp_path):
+    argv = ["--quick", "--seeds", "0", "1", "--name", "inference_seeds", "--out", str(tmp_path)]
+    rows = load_script(BENCHMARK, "inference_benchmark").main(argv)
+    assert [(row["batch"], row["mask_seed"]) for row in rows] == [(1, 0), (1, 1), (8, 0), (8, 1)]
+    first, second = (row["layers"][1]["density"] for row in rows[:2])
+    assert first == second  # the same ERK density per layer under every seed
+    markdown = (tmp_path / "inference_seeds_quick.md").read_text()
+    assert "## Spread over mask seeds" in markdown and "| resnet18 | 0.990 | 8 | 1 | 0, 1 |" in markdown
