@@ -527,9 +527,12 @@ def sparse_inference(
 
     The masked weights of a model trained with the callbacks (or restored with
     :func:`~lightning_sparse.export.load_sparse`) are exact zeros in dense storage; every ``nn.Conv2d`` and
-    ``nn.Linear`` whose density is at most ``max_density`` is timed on the input it receives for
-    ``example_input`` with torch's dense kernel and with the direct sparse kernel in both memory layouts
-    (docs/inference.md §2-3). The fastest is kept. Then the whole converted model is timed against the same model
+    ``nn.Linear`` whose density is at most ``max_density`` is timed with torch's dense kernel and with the direct
+    sparse kernel in both memory layouts (docs/inference.md §2-3), in one pass of ``example_input`` through the
+    model in which each layer is timed on the input it really gets (a batch-innermost view after a batch-inner
+    layer) and hands on the output of the fastest, which is kept. The converted model is then run once and compared
+    with the dense one (if the model's own code cannot take batch-innermost activations, the batch-inner layers
+    return contiguous tensors instead). Then the whole converted model is timed against the same model
     with every layer dense, and if it is not faster every layer goes back to dense (a layer timed alone does not see
     the thread contention between torch's operators and the sparse kernel; the check is skipped when a choice is
     forced). The choice depends on the batch size and the thread count
@@ -551,8 +554,11 @@ def sparse_inference(
             measured crossover is far lower, docs/inference.md §3).
         fuse: fold each eval-mode ``BatchNorm2d`` that only follows a ``Conv2d`` into that conv's weights and bias
             (zeros stay zeros), and apply a ``ReLU`` module that only follows such a conv inside the sparse kernel
-            when the conv runs sparse (docs/inference.md §2). The model is read with ``torch.fx``; a model it
-            cannot trace is converted without fusion (the report says why).
+            when the conv runs sparse; when some layer runs batch-inner, turn the other eval-mode BatchNorms (and
+            the ReLU that only follows one) into :class:`~lightning_sparse.nn.conv_fusion.ChannelAffine`, or into
+            the input copy of the sparse conv that is their only user; run a ``ReLU`` module after a residual sum
+            that nothing else reads in place (docs/inference.md §2). The model is read with ``torch.fx``; a model
+            it cannot trace is converted without fusion (the report says why).
         verbose: print the per-layer table.
 
     Returns:

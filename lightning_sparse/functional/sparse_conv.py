@@ -5,23 +5,28 @@ A convolution with ``nnz`` active weights costs ``nnz x output pixels`` multiply
 ``w x`` (a shifted window of input plane ``c``) to output plane ``o``. Three rewrites make that one long, contiguous,
 vectorisable loop per active weight, whatever the layer's geometry:
 
-* **padding** is applied once to the input (``F.pad``, with the layer's padding mode);
-* **stride** ``s`` is removed by splitting the padded input into its ``s x s`` phases (space-to-depth): the input
-  pixel ``(y s + i d, x s + j d)`` is pixel ``(y + (i d) // s, x + (j d) // s)`` of phase
+* **padding** is applied once, in one copy of the input into the layout the kernel reads (zero padding into a
+  kept zero-bordered buffer; other modes through ``F.pad`` first);
+* **stride** ``s`` is removed by splitting the padded input into its ``s x s`` phases (space-to-depth) in that same
+  copy: the input pixel ``(y s + i d, x s + j d)`` is pixel ``(y + (i d) // s, x + (j d) // s)`` of phase
   ``((i d) % s, (j d) % s)``, so every weight becomes a stride-1 tap on one phase plane ("virtual channel");
   dilation ``d`` is folded into the tap offsets the same way; groups (depthwise) only change which input channel a
   weight reads;
-* **rows are joined**: in a plane of width ``W_q`` the window of output row ``y`` starts exactly ``W_q`` entries
-  after that of row ``y - 1``, so one loop over ``(H_o - 1) W_q + W_o`` consecutive entries covers the whole output
-  plane (the ``W_q - W_o`` entries between rows are computed and dropped).
+* **rows are long**: with the samples innermost (``batch_inner=True``, layout ``C, H, W, N``) an output row is
+  ``W_o x N`` consecutive entries, one task accumulated in place in the output; with each sample's planes apart
+  (``N, C, H, W``) the rows of a plane are joined instead: the window of output row ``y`` starts exactly ``W_q``
+  entries after that of row ``y - 1``, so one loop over ``(H_o - 1) W_q + W_o`` entries covers the whole plane
+  (the ``W_q - W_o`` entries between rows are computed and dropped).
 
-Two memory layouts are offered, chosen per layer by timing (:mod:`lightning_sparse.inference`): ``batch_inner=False``
-keeps each sample's planes apart (``N, C, H, W``; best for large planes), ``batch_inner=True`` interleaves the
-samples (``C, H, W, N``; the loop then also runs over the batch, best for small planes such as 4 x 4 at batch 64).
-A ``Linear`` layer is the 1 x 1 case on a 1 x 1 plane (a CSR x dense product).
+The layout is chosen per layer by timing (:mod:`lightning_sparse.inference`): batch-innermost wins at batch 64,
+per-sample planes at batch 1. A ``Linear`` layer is the 1 x 1 case on a 1 x 1 plane (a CSR x dense product). A
+batch-inner layer can hand its result on as the ``(N, C, H, W)`` view of the batch-innermost tensor
+(``contiguous=False``), which the next one reads without a transposing copy, and can apply a pre-activation
+BatchNorm + ReLU as it copies its input (``prologue``).
 
-The kernel is compiled by numba (an optional dependency: ``pip install lightning-sparse[inference]``) and runs in
-parallel over (sample block, output channel) with ``torch.get_num_threads()`` threads. No Lightning import.
+The kernels are compiled by numba (an optional dependency: ``pip install lightning-sparse[inference]``) and run on
+``torch.get_num_threads()`` threads: on torch's own OpenMP team where torch uses GNU libgomp
+(:mod:`lightning_sparse.functional._openmp_team`), on numba's pool elsewhere. No Lightning import.
 """
 
 from __future__ import annotations
