@@ -338,33 +338,47 @@ def _run(model: nn.Module, example_input: Any) -> Any:
         return model(*example_input) if isinstance(example_input, tuple) else model(example_input)
 
 
-def _keep_layout_if_it_runs(
-    converted: nn.Module, all_dense: nn.Module, example_input: Any, report: InferenceReport
-) -> None:
-    """Check that the converted model runs, and agrees with the dense one, while its batch-inner layers hand their
-    batch-innermost views on; otherwise make them return contiguous tensors.
-
-    A model's own code may need contiguous activations (``x.view(n, -1)`` on a feature map raises on a
-    batch-innermost one). Outputs are compared to 1e-4 of the largest dense output value.
-    """
+def _disagreement(converted: nn.Module, all_dense: nn.Module, example_input: Any) -> str:
+    """Why ``converted`` does not compute what ``all_dense`` does on ``example_input`` ("" if it does): the error
+    it raises, or which output differs by more than 1e-4 of the largest dense output value."""
     expected = torch.utils._pytree.tree_leaves(_run(all_dense, example_input))
-    why = ""
     try:
         got = torch.utils._pytree.tree_leaves(_run(converted, example_input))
     except RuntimeError as error:
-        why = _first_line(error)
-    else:
-        for want, have in zip(expected, got):
-            if isinstance(want, Tensor) and isinstance(have, Tensor) and want.numel():
-                tolerance = 1e-4 * max(float(want.abs().max()), 1e-12)
-                if want.shape != have.shape or float((want - have).abs().max()) > tolerance:
-                    why = "outputs differ from the dense model's"
-                    break
-    if why:
-        for module in converted.modules():
-            if isinstance(module, SparseConv2d):
-                module.contiguous_output = True
+        return _first_line(error)
+    for want, have in zip(expected, got):
+        if isinstance(want, Tensor) and isinstance(have, Tensor) and want.numel():
+            tolerance = 1e-4 * max(float(want.abs().max()), 1e-12)
+            if want.shape != have.shape or float((want - have).abs().max()) > tolerance:
+                return "its outputs differ from the dense model's by more than 1e-4 of their largest value"
+    return ""
+
+
+def _verify(converted: nn.Module, all_dense: nn.Module, example_input: Any, report: InferenceReport) -> nn.Module:
+    """Run the converted model once and compare it with the dense one; return the model to keep.
+
+    A model's own code may need contiguous activations (``x.view(n * c, -1)`` raises on a batch-innermost tensor):
+    then the batch-inner layers are made to return contiguous tensors and the check runs again. A model that still
+    raises or disagrees is never returned: every layer goes back to dense, with a warning (that would be a bug of
+    the library's; please report it).
+    """
+    why = _disagreement(converted, all_dense, example_input)
+    handing_on_views = [m for m in converted.modules() if isinstance(m, SparseConv2d) and not m.contiguous_output]
+    if why and handing_on_views:
+        for module in handing_on_views:
+            module.contiguous_output = True
         report.layout_note = f"batch-inner layers return contiguous tensors (with batch-innermost views: {why})"
+        why = _disagreement(converted, all_dense, example_input)
+    if not why:
+        return converted
+    warnings.warn(
+        f"sparse_inference: the converted model failed its check ({why}); every layer stays dense", stacklevel=3
+    )
+    for layer in report.layers:
+        if layer.choice != "dense":
+            layer.choice, layer.reason = "dense", "converted model failed its check"
+    report.fused_relus, report.affine_batchnorms, report.input_activations, report.layout_note = [], [], [], ""
+    return all_dense
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -655,8 +669,8 @@ def sparse_inference(
     report.affine_batchnorms = [name for name, module in affine.items() if isinstance(module, nn.BatchNorm2d)]
     report.input_activations = input_activations
     report.in_place_relus = in_place_relus
-    if any(isinstance(m, SparseConv2d) and not m.contiguous_output for m in work.modules()):
-        _keep_layout_if_it_runs(work, all_dense, example_input, report)
+    if report.sparse_layers:
+        work = _verify(work, all_dense, example_input, report)
     if report.sparse_layers and not any(layer.reason == "forced" for layer in choices):
         work = _check_whole_model(work, all_dense, example_input, report, timer, repeats)
     if verbose:

@@ -334,3 +334,16 @@ def test_a_model_that_needs_contiguous_activations_gets_contiguous_outputs():
     assert "return contiguous tensors" in fast.report.layout_note and "view" in fast.report.layout_note
     assert all(m.contiguous_output for m in fast.modules() if isinstance(m, SparseConv2d))
     _assert_matches(fast, model, x)
+
+
+def test_a_converted_model_that_disagrees_with_the_dense_one_is_never_returned(monkeypatch):
+    model = _sparsify(AllGeometries(), 0.3)
+    x = torch.randn(4, 3, 12, 12)
+    forward = SparseConv2d.forward
+    monkeypatch.setattr(SparseConv2d, "forward", lambda self, x: forward(self, x) + 1.0)  # a wrong kernel
+    with pytest.warns(UserWarning, match="failed its check"):
+        fast = sparse_inference(model, x, timer=_sparse_after_timing, verbose=False)
+    assert fast.report.sparse_layers == []
+    assert {layer.reason for layer in fast.report.layers} == {"converted model failed its check"}
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    _assert_matches(fast, model, x)
