@@ -29,6 +29,7 @@ from lightning_sparse.nn.conv_fusion import (
     find_preactivated_convs,
     find_relus_after_additions,
     fold_batchnorm_,
+    is_eval_affine,
 )
 from lightning_sparse.nn.sparse_layers import SparseConv2d, SparseLinear
 
@@ -284,11 +285,16 @@ def _check_whole_model(
     report.whole_model_ms = {candidate: 1e3 * value for candidate, value in seconds.items()}
     if seconds["sparse"] < seconds["dense"]:
         return converted
+    _revert_to_dense(report, "whole model faster dense")
+    return all_dense
+
+
+def _revert_to_dense(report: InferenceReport, reason: str) -> None:
+    """Record on ``report`` that every layer went back to dense (the all-dense copy is returned) and why."""
     for layer in report.layers:
         if layer.choice != "dense":
-            layer.choice, layer.reason = "dense", "whole model faster dense"
+            layer.choice, layer.reason = "dense", reason
     report.fused_relus, report.affine_batchnorms, report.input_activations, report.layout_note = [], [], [], ""
-    return all_dense
 
 
 def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.Module]:
@@ -302,16 +308,15 @@ def _batchnorms_as_affine(work: nn.Module) -> dict[str, nn.Module]:
     relus = find_batchnorm_relus(work)
     replaced: dict[str, nn.Module] = {}
     for name, module in list(work.named_modules()):
-        if type(module) is nn.BatchNorm2d and not _has_hooks(module) and not module.training:
-            if module.running_mean is not None and module.running_var is not None:
-                relu = relus.get(name)
-                if relu is not None and _has_hooks(work.get_submodule(relu)):
-                    relu = None
-                _set_submodule(work, name, ChannelAffine(module, relu=relu is not None))
-                replaced[name] = module
-                if relu is not None:
-                    replaced[relu] = work.get_submodule(relu)
-                    _set_submodule(work, relu, nn.Identity())
+        if type(module) is nn.BatchNorm2d and not _has_hooks(module) and is_eval_affine(module):
+            relu = relus.get(name)
+            if relu is not None and _has_hooks(work.get_submodule(relu)):
+                relu = None
+            _set_submodule(work, name, ChannelAffine(module, relu=relu is not None))
+            replaced[name] = module
+            if relu is not None:
+                replaced[relu] = work.get_submodule(relu)
+                _set_submodule(work, relu, nn.Identity())
     return replaced
 
 
@@ -374,10 +379,7 @@ def _verify(converted: nn.Module, all_dense: nn.Module, example_input: Any, repo
     warnings.warn(
         f"sparse_inference: the converted model failed its check ({why}); every layer stays dense", stacklevel=3
     )
-    for layer in report.layers:
-        if layer.choice != "dense":
-            layer.choice, layer.reason = "dense", "converted model failed its check"
-    report.fused_relus, report.affine_batchnorms, report.input_activations, report.layout_note = [], [], [], ""
+    _revert_to_dense(report, "converted model failed its check")
     return all_dense
 
 

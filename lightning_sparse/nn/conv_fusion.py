@@ -28,6 +28,7 @@ __all__ = [
     "find_preactivated_convs",
     "find_relus_after_additions",
     "fold_batchnorm_",
+    "is_eval_affine",
 ]
 
 
@@ -110,7 +111,7 @@ def find_conv_chains(model: nn.Module) -> tuple[dict[str, ConvChain], str | None
         chain = ConvChain(conv=node.target)
         last = node
         batchnorm = traced.single_module_user(node, nn.BatchNorm2d)
-        if batchnorm is not None and _foldable(traced.modules[batchnorm.target]):
+        if batchnorm is not None and is_eval_affine(traced.modules[batchnorm.target]):
             chain.batchnorm, last = batchnorm.target, batchnorm
         relu = traced.single_module_user(last, nn.ReLU)
         if relu is not None:
@@ -182,9 +183,23 @@ def find_relus_after_additions(model: nn.Module) -> list[str]:
     return relus
 
 
-def _foldable(batchnorm: nn.BatchNorm2d) -> bool:
+def is_eval_affine(batchnorm: nn.BatchNorm2d) -> bool:
     """Eval mode with running statistics: then the BatchNorm is a fixed affine map per channel."""
     return not batchnorm.training and batchnorm.running_mean is not None and batchnorm.running_var is not None
+
+
+def _batchnorm_affine(batchnorm: nn.BatchNorm2d, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` per channel with ``batchnorm(x + bias) == x * scale + shift`` in eval mode:
+    ``scale = gamma / sqrt(running_var + eps)``, ``shift = (bias - running_mean) * scale + beta`` (a missing bias,
+    gamma or beta counts as 0, 1, 0)."""
+    scale = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
+    if batchnorm.weight is not None:
+        scale = scale * batchnorm.weight
+    bias = bias if bias is not None else torch.zeros_like(batchnorm.running_mean)
+    shift = (bias - batchnorm.running_mean) * scale
+    if batchnorm.bias is not None:
+        shift = shift + batchnorm.bias
+    return scale, shift
 
 
 @torch.no_grad()
@@ -199,17 +214,11 @@ def fold_batchnorm_(conv: nn.Conv2d, batchnorm: nn.BatchNorm2d) -> None:
         ValueError: if the BatchNorm is in training mode, has no running statistics, or its channel count is not
             the conv's output channel count.
     """
-    if not _foldable(batchnorm):
+    if not is_eval_affine(batchnorm):
         raise ValueError("only an eval-mode BatchNorm2d with running statistics can be folded (call model.eval())")
     if batchnorm.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm2d has {batchnorm.num_features} channels, the conv {conv.out_channels} outputs")
-    scale = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
-    if batchnorm.weight is not None:
-        scale = scale * batchnorm.weight
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(batchnorm.running_mean)
-    new_bias = (bias - batchnorm.running_mean) * scale
-    if batchnorm.bias is not None:
-        new_bias = new_bias + batchnorm.bias
+    scale, new_bias = _batchnorm_affine(batchnorm, conv.bias)
     conv.weight.mul_(scale.to(conv.weight.dtype).view(-1, 1, 1, 1))
     conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
 
@@ -235,15 +244,10 @@ class ChannelAffine(nn.Module):
     def __init__(self, batchnorm: nn.BatchNorm2d, relu: bool = False) -> None:
         super().__init__()
         self.relu = relu
-        if not _foldable(batchnorm):
+        if not is_eval_affine(batchnorm):
             raise ValueError("only an eval-mode BatchNorm2d with running statistics is an affine map (call .eval())")
         with torch.no_grad():
-            scale = torch.rsqrt(batchnorm.running_var + batchnorm.eps)
-            if batchnorm.weight is not None:
-                scale = scale * batchnorm.weight
-            shift = -batchnorm.running_mean * scale
-            if batchnorm.bias is not None:
-                shift = shift + batchnorm.bias
+            scale, shift = _batchnorm_affine(batchnorm)
         self.register_buffer("scale", scale.detach().clone().view(-1, 1, 1))
         self.register_buffer("shift", shift.detach().clone().view(-1, 1, 1))
 
