@@ -455,6 +455,8 @@ def _phase_planes(
             tasks=channels * height,
         )
         return buffer
+    if prologue is not None:
+        scale, shift = (t.view(1, -1, 1, 1) for t in prologue)
     for phase in phases:
         p_h, p_w = divmod(phase, s_w)
         # The first phase row whose padded row q s_h + p_h holds an input row (is >= top), and that input row.
@@ -467,7 +469,6 @@ def _phase_planes(
             if prologue is None:
                 target.copy_(source)
             else:
-                scale, shift = (t.view(1, -1, 1, 1) for t in prologue)
                 torch.addcmul(shift, source, scale, out=target).relu_()
     return buffer
 
